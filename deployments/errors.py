@@ -1,0 +1,75 @@
+"""The one place where failures become TGI-shaped HTTP errors.
+
+TGI answers errors as `{"error": msg, "error_type": type}` with 422 validation, 429
+overloaded, 424 generation and 500 incomplete_generation. The TGIServer raises `TGIError`
+carrying the engine's own status and type; the ingress turns any exception into a response
+(or, once a stream has started, into an SSE event) through `to_tgi_error` only.
+"""
+
+import json
+
+from fastapi.responses import JSONResponse
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
+
+STATUS_BY_ERROR_TYPE = {
+    "validation": 422,
+    "overloaded": 429,
+    "generation": 424,
+    "incomplete_generation": 500,
+}
+
+
+class TGIError(Exception):
+    """An error in TGI's shape: the launcher's answer, or a request the ingress refuses.
+
+    All three values are passed to `Exception.__init__` so the error pickles across Ray.
+    """
+
+    def __init__(self, message: str, status_code: int, error_type: str):
+        super().__init__(message, status_code, error_type)
+        self.message = message
+        self.status_code = status_code
+        self.error_type = error_type
+
+    def __str__(self) -> str:
+        return f"{self.status_code} {self.error_type}: {self.message}"
+
+    @classmethod
+    def from_payload(cls, status_code: int, payload: object) -> "TGIError":
+        """Build from an error body; `status_code` 200 means an error event inside a stream."""
+        if isinstance(payload, dict) and "error" in payload:
+            message = str(payload["error"])
+            error_type = str(payload.get("error_type") or "")
+        else:
+            message, error_type = str(payload), ""
+        if not error_type:
+            error_type = {422: "validation", 429: "overloaded", 424: "generation"}.get(
+                status_code, "incomplete_generation"
+            )
+        if status_code < 400:
+            status_code = STATUS_BY_ERROR_TYPE.get(error_type, 500)
+        return cls(message, status_code, error_type)
+
+
+def to_tgi_error(exc: BaseException) -> tuple[int, dict[str, str]]:
+    """Map any exception raised while serving a request to (HTTP status, TGI error body)."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause  # the replica's own exception, re-raised by the handle
+    if isinstance(exc, TGIError):
+        return exc.status_code, {"error": exc.message, "error_type": exc.error_type}
+    if isinstance(exc, BackPressureError):
+        return 429, {"error": "Model is overloaded", "error_type": "overloaded"}
+    return 500, {"error": f"{type(exc).__name__}: {exc}", "error_type": "incomplete_generation"}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """A non-streaming error response."""
+    status, body = to_tgi_error(exc)
+    return JSONResponse(body, status_code=status)
+
+
+def error_event(exc: BaseException) -> str:
+    """The SSE event for an error after a stream has started (its 200 is already sent)."""
+    _, body = to_tgi_error(exc)
+    return f"data:{json.dumps(body, separators=(',', ':'))}\n\n"

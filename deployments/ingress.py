@@ -1,0 +1,172 @@
+"""The HTTP ingress: TGI and OpenAI routes in front of the TGIServer deployments.
+
+Bodies are passed to the TGIServer as parsed JSON objects and validated by the engine, which
+owns TGI's rules. Every failure becomes a TGI error through deployments/errors.py: raised
+before a response starts, by the exception handlers below; inside a started stream, as a
+`data:{"error":..,"error_type":..}` event.
+"""
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from deployments.errors import TGIError, error_event, error_response
+from serve_app.config import IngressOptions
+
+app = FastAPI(title="ray-tgi")
+
+
+async def _handle_error(_request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
+# Starlette picks the handler by the exception's MRO; a replica's TGIError arrives as
+# RayTaskError(TGIError), which both of the first two match. `Exception` catches the rest
+# (Starlette answers those with this handler, then re-raises them to be logged).
+for _exc_type in (TGIError, RayError, BackPressureError, Exception):
+    app.add_exception_handler(_exc_type, _handle_error)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# The helpers come before the class: `serve.ingress` pickles the app's routes when it
+# decorates the class, by value, with the module globals defined at that moment.
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise TGIError(f"request body is not valid JSON: {exc}", 422, "validation") from None
+    if not isinstance(body, dict):
+        raise TGIError("request body must be a JSON object", 422, "validation")
+    return body
+
+
+def _tgi_event(item: dict[str, Any]) -> str:
+    return f"data:{json.dumps(item, separators=(',', ':'))}\n\n"
+
+
+async def _sse_response(
+    stream: DeploymentResponseGenerator, encode: Callable[[Any], str]
+) -> Response:
+    """Wait for the first item, so that an error before it is an HTTP error status, then
+    stream the rest as it arrives."""
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        return StreamingResponse(iter(()), media_type="text/event-stream")
+    except BaseException:
+        stream.cancel()  # the client went away, or the call failed: stop the generation
+        raise
+    return StreamingResponse(
+        _sse_events(first, stream, encode), media_type="text/event-stream", headers=_SSE_HEADERS
+    )
+
+
+async def _sse_events(
+    first: Any, stream: DeploymentResponseGenerator, encode: Callable[[Any], str]
+) -> AsyncIterator[str]:
+    finished = False
+    try:
+        yield encode(first)
+        async for item in stream:
+            yield encode(item)
+        finished = True
+    except Exception as exc:
+        finished = True
+        yield error_event(exc)
+    finally:
+        if not finished:
+            # The client disconnected (this generator was cancelled or closed): cancel the
+            # TGIServer call, whose cleanup closes its HTTP stream to the engine.
+            stream.cancel()
+
+
+@serve.ingress(app)
+class Ingress:
+    """Serve deployment class; bound with `{model name: TGIServer handle}`."""
+
+    @classmethod
+    def get_deployment_options(cls, options: IngressOptions) -> dict[str, Any]:
+        """Serve options for the ingress (pure: tests assert it without Ray)."""
+        return {
+            "name": "Ingress",
+            "num_replicas": options.num_replicas,
+            "max_ongoing_requests": options.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": options.num_cpus},
+        }
+
+    def __init__(self, models: dict[str, DeploymentHandle]):
+        if not models:
+            raise ValueError("the ingress needs at least one model")
+        self._models = models
+        self._created = int(time.time())
+
+    def _server(self, model: object = None) -> DeploymentHandle:
+        # TGI routes name no model, and TGI itself ignores the OpenAI `model` field: an
+        # unknown or missing name goes to the first model.
+        if isinstance(model, str) and model in self._models:
+            return self._models[model]
+        return next(iter(self._models.values()))
+
+    # --- TGI routes -------------------------------------------------------------------
+
+    @app.post("/")
+    async def compat_generate(self, request: Request) -> Response:
+        """TGI's compat route (the one `text_generation.Client` uses): `stream` picks
+        /generate_stream, else /generate with the answer in a one-element list."""
+        body = await _json_object(request)
+        if body.pop("stream", False):
+            return await self._generate_stream(body)
+        return JSONResponse([await self._server().generate.remote(body)])
+
+    @app.post("/generate")
+    async def generate(self, request: Request) -> JSONResponse:
+        body = await _json_object(request)
+        return JSONResponse(await self._server().generate.remote(body))
+
+    @app.post("/generate_stream")
+    async def generate_stream(self, request: Request) -> Response:
+        return await self._generate_stream(await _json_object(request))
+
+    async def _generate_stream(self, body: dict[str, Any]) -> Response:
+        stream = self._server().options(stream=True).generate_stream.remote(body)
+        return await _sse_response(stream, _tgi_event)
+
+    @app.get("/info")
+    async def info(self) -> JSONResponse:
+        return JSONResponse(await self._server().info.remote())
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        for server in self._models.values():
+            await server.health.remote()  # raises a 503 TGIError when unhealthy
+        return Response(status_code=200)
+
+    # --- OpenAI routes ----------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        body = await _json_object(request)
+        server = self._server(body.get("model"))
+        if body.get("stream"):
+            stream = server.options(stream=True).chat_completions_stream.remote(body)
+            return await _sse_response(stream, lambda event: event)
+        return JSONResponse(await server.chat_completions.remote(body))
+
+    @app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        data = [
+            {"id": name, "object": "model", "created": self._created, "owned_by": "ray-tgi"}
+            for name in self._models
+        ]
+        return JSONResponse({"object": "list", "data": data})

@@ -1,0 +1,114 @@
+"""`python -m engine [launcher flags]` serves a model over TGI's HTTP API.
+
+`python -m engine download-weights MODEL_ID` only fetches/converts the weights (as TGI's
+`text-generation-server download-weights`) and prints the local model directory.
+"""
+
+import logging
+import os
+import sys
+
+import uvicorn
+
+from engine.args import parse_launcher_args, resolve_token_limits
+from engine.weights import resolve_model_dir
+
+log = logging.getLogger("engine")
+
+API_VERSION = "3.3.6"  # the TGI HTTP API version this engine speaks
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["download-weights"]:
+        return download_weights(argv[1:])
+    args = parse_launcher_args(argv, os.environ)
+    setup_logging(args.json_output)
+    app, async_engine = build(args)
+    try:
+        uvicorn.run(app, host=args.hostname, port=args.port, log_level="warning")
+    finally:
+        async_engine.shutdown()
+    return 0
+
+
+def download_weights(argv: list[str]) -> int:
+    if len(argv) not in (1, 2):
+        print("usage: python -m engine download-weights MODEL_ID [REVISION]", file=sys.stderr)
+        return 2
+    print(resolve_model_dir(*argv))
+    return 0
+
+
+def setup_logging(json_output: bool) -> None:
+    if json_output:
+        fmt = '{"time":"%(asctime)s","level":"%(levelname)s","target":"%(name)s","message":"%(message)s"}'  # noqa: E501
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+
+
+def build(args):
+    """Load the model and return the HTTP app and the engine loop serving it."""
+    # Imported here so `--help` and download-weights do not pay for torch.
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.server import create_app
+    from engine.service import Limits, TextGenerationService
+
+    model_dir = resolve_model_dir(args.model_id, args.revision, args.huggingface_hub_cache)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_config = AutoConfig.from_pretrained(model_dir)
+    resolve_token_limits(args, model_config.max_position_embeddings)
+    engine = LLMEngine(
+        EngineConfig(
+            model_dir=str(model_dir),
+            max_batch_total_tokens=args.max_batch_total_tokens,
+            max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+            max_batch_size=args.max_batch_size,
+            dtype=args.dtype,
+        )
+    )
+    log.info("model %s loaded from %s; max batch total tokens %d", args.model_id, model_dir,
+             args.max_batch_total_tokens)  # fmt: skip
+    async_engine = AsyncEngine(engine)
+    limits = Limits(
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens,
+        max_stop_sequences=args.max_stop_sequences,
+    )
+    service = TextGenerationService(async_engine, tokenizer, eos_token_ids(model_dir), limits)
+    return create_app(service, info_dict(args)), async_engine
+
+
+def eos_token_ids(model_dir) -> frozenset[int]:
+    from transformers import GenerationConfig
+
+    eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    return frozenset(eos if isinstance(eos, list) else [eos])
+
+
+def info_dict(args) -> dict:
+    return {
+        "model_id": args.model_id,
+        "model_sha": None,
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": args.max_concurrent_requests,
+        "max_best_of": args.max_best_of,
+        "max_stop_sequences": args.max_stop_sequences,
+        "max_input_tokens": args.max_input_tokens,
+        "max_total_tokens": args.max_total_tokens,
+        "validation_workers": 1,
+        "max_client_batch_size": 4,
+        "router": "ray-tgi-embedded",
+        "version": API_VERSION,
+        "sha": None,
+        "docker_label": None,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

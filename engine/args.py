@@ -1,0 +1,132 @@
+"""text-generation-launcher's flags, each also settable from its upper-case environment variable.
+
+`parse_launcher_args(argv, environ)` is the one place the engine reads its environment.
+"""
+
+import argparse
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # as on the command line, without "--"
+    type: type
+    default: object = None
+    help: str = ""
+    aliases: tuple[str, ...] = ()
+    # False: accepted for compatibility with TGI's launcher but has no effect yet here.
+    implemented: bool = True
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env_names(self) -> list[str]:
+        return [n.upper().replace("-", "_") for n in (self.name, *self.aliases)]
+
+
+FLAGS = [
+    Flag("model-id", str, "HuggingFaceTB/SmolLM2-135M-Instruct", "Hub id, local dir or .gguf"),
+    Flag("revision", str, None, "Hub revision of the model"),
+    Flag("num-shard", int, 1, "Number of tensor-parallel shards", implemented=False),
+    Flag("sharded", bool, None, "Shard the model across devices", implemented=False),
+    Flag("quantize", str, None, "Quantization method", implemented=False),
+    Flag("dtype", str, None, "float32 | float16 | bfloat16 (default: fp32 on CPU, bf16 on GPU)"),
+    Flag("max-concurrent-requests", int, 128, "Requests in flight before 429"),
+    Flag("max-best-of", int, 2, "Largest best_of"),
+    Flag("max-stop-sequences", int, 4, "Most stop sequences per request"),
+    Flag("max-top-n-tokens", int, 5, "Largest top_n_tokens"),
+    Flag("max-input-tokens", int, None, "Longest prompt", aliases=("max-input-length",)),
+    Flag("max-total-tokens", int, None, "Longest prompt + generation"),
+    Flag("waiting-served-ratio", float, 0.3, "", implemented=False),
+    Flag("max-batch-prefill-tokens", int, None, "Prompt tokens prefilled in one step"),
+    Flag("max-batch-total-tokens", int, None, "KV cache capacity in tokens"),
+    Flag("max-waiting-tokens", int, 20, "", implemented=False),
+    Flag("max-batch-size", int, None, "Most sequences in the running batch"),
+    Flag("cuda-graphs", str, None, "", implemented=False),
+    Flag("hostname", str, "0.0.0.0", "Address to listen on"),
+    Flag("port", int, 3000, "Port to listen on"),
+    Flag("master-port", int, 29500, "torch.distributed port of the shards", implemented=False),
+    Flag("shard-uds-path", str, "/tmp/text-generation-server", "", implemented=False),
+    Flag("huggingface-hub-cache", str, None, "Hub cache directory"),
+    Flag("cuda-memory-fraction", float, 1.0, "", implemented=False),
+    Flag("json-output", bool, False, "Log as JSON lines"),
+    Flag("otlp-endpoint", str, None, "", implemented=False),
+    Flag("api-key", str, None, "", implemented=False),
+    Flag("payload-limit", int, 2_000_000, "", implemented=False),
+]
+
+# Defaults TGI derives from the model when a limit is not given.
+DEFAULT_MAX_BATCH_TOTAL_TOKENS_CPU = 16384
+
+
+def _parse_bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine",
+        description="ray-tgi's embedded engine: text-generation-launcher's flags and HTTP API.",
+    )
+    for flag in FLAGS:
+        from_env = next((environ[e] for e in flag.env_names if e in environ), None)
+        names = [f"--{n}" for n in (flag.name, *flag.aliases)]
+        if flag.type is bool:
+            default = _parse_bool(from_env) if from_env is not None else flag.default
+            parser.add_argument(
+                *names, dest=flag.dest, nargs="?", const=True, type=_parse_bool, default=default,
+                help=flag.help,
+            )  # fmt: skip
+        else:
+            default = flag.type(from_env) if from_env is not None else flag.default
+            parser.add_argument(
+                *names, dest=flag.dest, type=flag.type, default=default, help=flag.help
+            )
+    return parser
+
+
+def parse_launcher_args(argv: Sequence[str], environ: Mapping[str, str]) -> argparse.Namespace:
+    args = build_parser(environ).parse_args(argv)
+    for flag in FLAGS:
+        value = getattr(args, flag.dest)
+        if not flag.implemented and value not in (None, flag.default):
+            log.warning("--%s=%s is accepted but has no effect in the embedded engine yet",
+                        flag.name, value)  # fmt: skip
+    return args
+
+
+def resolve_token_limits(args: argparse.Namespace, max_position_embeddings: int) -> None:
+    """Fill in the token limits TGI derives when they are not given, and check them."""
+    if args.max_total_tokens is None:
+        args.max_total_tokens = max_position_embeddings
+    if args.max_input_tokens is None:
+        args.max_input_tokens = args.max_total_tokens - 1
+    if args.max_batch_prefill_tokens is None:
+        args.max_batch_prefill_tokens = args.max_input_tokens + 50
+    if args.max_batch_total_tokens is None:
+        args.max_batch_total_tokens = max(DEFAULT_MAX_BATCH_TOTAL_TOKENS_CPU, args.max_total_tokens)
+    if args.max_input_tokens >= args.max_total_tokens:
+        raise ValueError(
+            f"`max_input_tokens` ({args.max_input_tokens}) must be < "
+            f"`max_total_tokens` ({args.max_total_tokens})"
+        )
+    if args.max_batch_prefill_tokens < args.max_input_tokens:
+        raise ValueError(
+            f"`max_batch_prefill_tokens` ({args.max_batch_prefill_tokens}) must be >= "
+            f"`max_input_tokens` ({args.max_input_tokens})"
+        )
+    if args.max_batch_total_tokens < args.max_total_tokens:
+        raise ValueError(
+            f"`max_batch_total_tokens` ({args.max_batch_total_tokens}) must be >= "
+            f"`max_total_tokens` ({args.max_total_tokens})"
+        )

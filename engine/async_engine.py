@@ -1,0 +1,117 @@
+"""Runs the engine loop in one background thread and streams each request's tokens to asyncio.
+
+`LLMEngine` is single-threaded, so every call into it happens on the loop thread: callers
+only post commands (add, abort) and read from their own asyncio queue. Torch releases the GIL
+during the forward pass, so the HTTP event loop stays responsive while a step runs.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.llm_engine import EngineStats, LLMEngine
+from engine.protocol import SamplingParams, TokenStep
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error; no request can be served any more."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # of TokenStep | BaseException
+
+    def put(self, item: TokenStep | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.stats: EngineStats = engine.stats()  # refreshed by the loop thread after each step
+        self.error: BaseException | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenStep]:
+        """Yield the request's tokens as they are generated; closing early aborts the request."""
+        if not self.is_alive:
+            raise EngineDeadError(f"engine loop stopped: {self.error!r}")
+        request_id = uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._post(("add", request_id, prompt_ids, params))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine already dropped the request
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            del self._streams[request_id]
+            if not finished:
+                self._post(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    def _post(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _apply_commands(self) -> None:
+        while not self._commands.empty():
+            kind, request_id, *rest = self._commands.get()
+            if kind == "abort":
+                self.engine.abort_request(request_id)
+                continue
+            try:
+                self.engine.add_request(request_id, *rest)
+            except ValueError as e:
+                self._deliver(request_id, e)
+
+    def _deliver(self, request_id: str, item: TokenStep | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:  # the caller went away; its abort is already queued
+            return
+        stream.put(item)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wakeup.clear()
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self.stats = self.engine.stats()
+                    self._wakeup.wait()
+                    continue
+                for step in self.engine.step():
+                    self._deliver(step.request_id, step)
+                self.stats = self.engine.stats()
+        except BaseException as e:  # noqa: BLE001 - any failure kills the engine; report it
+            log.exception("engine loop failed")
+            self.error = e
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError(f"engine loop failed: {e!r}"))

@@ -1,0 +1,92 @@
+"""Paged KV cache: writing new keys/values into blocks and attending over them.
+
+Cache layout, per layer: `k_cache`, `v_cache` of shape [num_blocks, block_size, num_kv_heads,
+head_dim]. A token's slot is `block_id * block_size + offset`; a sequence's block table lists
+its block ids in order. These are plain torch functions (SDPA underneath), so the same code
+runs on CPU and CUDA; a fused paged-attention kernel can later replace them behind these names.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Attention inputs of one step, built once by the model runner and shared by all layers."""
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V is written to
+    # Prefill: the batch packs whole sequences back to back, each attends causally to itself.
+    seq_lens: list[int] | None = None  # [b] tokens per packed sequence
+    # Decode: one new token per sequence, attending to its whole context through the cache.
+    block_tables: torch.Tensor | None = None  # [b, max_blocks]; padding entries are masked
+    context_mask: torch.Tensor | None = None  # [b, 1, 1, max_context_len] bool, True = attend;
+    # None when every sequence has the same context length (no padding to mask).
+    max_context_len: int | None = None
+
+
+def store_kv(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens]
+) -> None:
+    """Write the new tokens' keys and values into their cache slots."""
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    seq_lens: list[int],
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention within each packed sequence (the prompt's K/V are all fresh)."""
+    outs = []
+    for q_s, k_s, v_s in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=True):
+        # [1, heads, len, head_dim] views, as SDPA wants them
+        o = F.scaled_dot_product_attention(
+            q_s.transpose(0, 1)[None],
+            k_s.transpose(0, 1)[None],
+            v_s.transpose(0, 1)[None],
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
+        outs.append(o[0].transpose(0, 1))  # [len, heads, head_dim]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def gather_kv(
+    cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [b, max_blocks]
+    max_context_len: int,
+) -> torch.Tensor:  # [b, num_kv_heads, max_context_len, head_dim]
+    """Copy each sequence's cached K or V out of its blocks into one padded batch tensor."""
+    b = block_tables.shape[0]
+    num_kv_heads, head_dim = cache.shape[2:]
+    x = cache[block_tables].view(b, -1, num_kv_heads, head_dim)  # [b, max_blocks*block_size, ..]
+    return x[:, :max_context_len].transpose(1, 2)
+
+
+def decode_attention(
+    q: torch.Tensor,  # [b, num_heads, head_dim], one new token per sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [b, num_heads, head_dim]
+    """Attention of each sequence's newest token over its cached context (itself included)."""
+    assert meta.block_tables is not None and meta.max_context_len is not None
+    k = gather_kv(k_cache, meta.block_tables, meta.max_context_len)
+    v = gather_kv(v_cache, meta.block_tables, meta.max_context_len)
+    o = F.scaled_dot_product_attention(
+        q[:, :, None], k, v, attn_mask=meta.context_mask, scale=scale, enable_gqa=True
+    )  # [b, num_heads, 1, head_dim]
+    return o[:, :, 0]

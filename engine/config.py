@@ -1,0 +1,29 @@
+"""Engine configuration: what the launcher flags resolve to before the engine starts."""
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """Static settings of one `LLMEngine` (model, KV cache size, batching limits, device)."""
+
+    model_dir: str  # local dir: config.json + *.safetensors (+ tokenizer files)
+    max_batch_total_tokens: int = 16384  # KV cache capacity in tokens
+    max_batch_prefill_tokens: int = 4096  # cap on prompt tokens prefilled in one step
+    max_batch_size: int | None = None  # cap on running sequences
+    block_size: int = 16
+    dtype: str | None = None  # None -> float32 on CPU, bfloat16 on CUDA
+    device: str | None = None  # None -> "cuda" if available else "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_total_tokens", "max_batch_prefill_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """KV cache blocks: enough to hold max_batch_total_tokens tokens."""
+        return math.ceil(self.max_batch_total_tokens / self.block_size)

@@ -1,0 +1,74 @@
+"""`LLMEngine`: the embedded engine's core loop, schedule -> run -> postprocess.
+
+Single-threaded by design: the HTTP layer drives it from one loop thread, adding and aborting
+requests between steps. It works in token ids only (see engine/protocol.py).
+"""
+
+from dataclasses import dataclass
+
+from transformers import AutoConfig, PretrainedConfig
+
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.protocol import SamplingParams, TokenStep
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for metrics and the router."""
+
+    num_waiting: int
+    num_running: int
+    num_batch_tokens: int  # tokens held by running sequences
+    num_free_blocks: int
+    num_total_blocks: int
+    max_batch_total_tokens: int
+
+
+class LLMEngine:
+    """Continuous-batching generation over a paged KV cache, one `step()` at a time."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config: PretrainedConfig = AutoConfig.from_pretrained(config.model_dir)
+        self.scheduler = Scheduler(config)
+        self.model_runner = ModelRunner(config, self.model_config)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request. ValueError if the id is in use or it can never fit the KV cache."""
+        self.scheduler.add(Sequence(request_id, prompt_ids, params, self.config.block_size))
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks; unknown or finished ids are ignored."""
+        if self.scheduler.abort(request_id) is not None:
+            self.model_runner.release(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_seqs()
+
+    def step(self) -> list[TokenStep]:
+        """Run one prefill or decode step; one TokenStep per sequence in it ([] when idle)."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        token_ids, logprobs = self.model_runner.run(seqs, is_prefill)
+        self.scheduler.postprocess(seqs, token_ids)
+        steps = []
+        for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
+            if seq.is_finished:
+                self.model_runner.release(seq.request_id)
+            steps.append(TokenStep(seq.request_id, token_id, logprob, seq.finish_reason))
+        return steps
+
+    def stats(self) -> EngineStats:
+        scheduler = self.scheduler
+        return EngineStats(
+            num_waiting=len(scheduler.waiting),
+            num_running=len(scheduler.running),
+            num_batch_tokens=sum(seq.num_tokens for seq in scheduler.running),
+            num_free_blocks=scheduler.block_manager.num_free_blocks,
+            num_total_blocks=scheduler.block_manager.num_total_blocks,
+            max_batch_total_tokens=self.config.max_batch_total_tokens,
+        )

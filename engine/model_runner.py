@@ -1,0 +1,169 @@
+"""`ModelRunner`: the only engine piece that touches devices.
+
+It loads the model, owns the paged KV cache tensors, turns a scheduled batch of sequences into
+flat input tensors plus `AttentionMetadata` (prepare_prefill / prepare_decode), runs one
+forward pass for the whole batch and samples one token per sequence.
+"""
+
+import glob
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from transformers import PretrainedConfig
+
+from engine.attention import AttentionMetadata
+from engine.config import EngineConfig
+from engine.models.llama import KVCache, LlamaForCausalLM
+from engine.sampling import Sampler
+from engine.sequence import Sequence
+
+# config.json "architectures" entry -> model class
+MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {"LlamaForCausalLM": LlamaForCausalLM}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    """Default to CUDA in bf16 when available, else CPU in fp32."""
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.dtype is None:
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {config.dtype!r}; choose from {sorted(DTYPES)}")
+    return device, DTYPES[config.dtype]
+
+
+def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of every *.safetensors file in model_dir, on CPU."""
+    paths = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not paths:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    for path in paths:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+def load_model(
+    model_config: PretrainedConfig,
+    model_dir: str,
+    max_positions: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> LlamaForCausalLM:
+    """Build the model without initialising it (meta device), then fill it from safetensors."""
+    architectures = getattr(model_config, "architectures", None) or ["LlamaForCausalLM"]
+    model_cls = MODEL_REGISTRY.get(architectures[0])
+    if model_cls is None:
+        raise ValueError(
+            f"unsupported architecture {architectures[0]!r}; have {list(MODEL_REGISTRY)}"
+        )
+    with torch.device("meta"):
+        model = model_cls(model_config, max_positions)
+    model = model.to(dtype).to_empty(device=device)
+    model.rotary_emb.reset_parameters()  # buffers are recomputed, not loaded
+    model.load_weights(iter_safetensors(model_dir))
+    return model.eval()
+
+
+class ModelRunner:
+    """Runs one scheduled batch: prepare inputs, forward, logits of last positions, sample."""
+
+    def __init__(self, config: EngineConfig, model_config: PretrainedConfig) -> None:
+        self.block_size = config.block_size
+        self.device, self.dtype = resolve_device_dtype(config)
+        num_cache_tokens = config.num_kv_blocks * config.block_size
+        max_positions = max(getattr(model_config, "max_position_embeddings", 0), num_cache_tokens)
+        self.model = load_model(
+            model_config, config.model_dir, max_positions, self.device, self.dtype
+        )
+        self.kv_caches = self._allocate_kv_cache(model_config, config.num_kv_blocks)
+        self.sampler = Sampler()
+
+    def _allocate_kv_cache(self, model_config: PretrainedConfig, num_blocks: int) -> list[KVCache]:
+        attn = self.model.layers[0].self_attn
+        shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        return [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(model_config.num_hidden_layers)
+        ]
+
+    def release(self, request_id: str) -> None:
+        """Drop per-request state (the sampler's generator) once a request is done."""
+        self.sampler.release(request_id)
+
+    def _tensor(self, data: list[int]) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def prepare_prefill(
+        self, seqs: list[Sequence]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Pack whole sequences: (input_ids [n], positions [n], metadata with seq_lens)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        for seq in seqs:
+            input_ids.extend(seq.token_ids)
+            positions.extend(range(seq.num_tokens))
+            for i, block_id in enumerate(seq.block_table):
+                start = block_id * self.block_size
+                is_last = i == len(seq.block_table) - 1
+                slot_mapping.extend(
+                    range(
+                        start, start + (seq.last_block_num_tokens if is_last else self.block_size)
+                    )
+                )
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self._tensor(slot_mapping),
+            seq_lens=[seq.num_tokens for seq in seqs],
+        )
+        return self._tensor(input_ids), self._tensor(positions), meta
+
+    def prepare_decode(
+        self, seqs: list[Sequence]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """One token per sequence, the last one, whose K/V this step writes and reads back."""
+        context_lens = [seq.num_tokens for seq in seqs]
+        max_context_len = max(context_lens)
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        # Padding entries point at block 0; the context mask hides whatever they hold.
+        block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
+        slot_mapping = [
+            seq.block_table[-1] * self.block_size + seq.last_block_num_tokens - 1 for seq in seqs
+        ]
+        context_mask = None
+        if min(context_lens) != max_context_len:
+            lens = self._tensor(context_lens)  # [b]
+            arange = torch.arange(max_context_len, device=self.device)
+            context_mask = (arange[None] < lens[:, None])[:, None, None]  # [b, 1, 1, max_ctx]
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self._tensor(slot_mapping),
+            block_tables=self._tensor(block_tables).view(len(seqs), max_blocks),
+            context_mask=context_mask,
+            max_context_len=max_context_len,
+        )
+        input_ids = self._tensor([seq.last_token_id for seq in seqs])
+        return input_ids, self._tensor([n - 1 for n in context_lens]), meta
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
+        """Forward the batch and sample: (next token id, its logprob) per sequence."""
+        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
+        input_ids, positions, meta = prepare(seqs)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [n, hidden]
+        if is_prefill:
+            assert meta.seq_lens is not None
+            last = torch.tensor(meta.seq_lens).cumsum(0) - 1
+            hidden = hidden[last.to(self.device)]  # [b, hidden]
+        logits = self.model.compute_logits(hidden)  # [b, vocab]
+        token_ids, logprobs = self.sampler(
+            logits, [seq.request_id for seq in seqs], [seq.params for seq in seqs]
+        )
+        return token_ids.tolist(), logprobs.tolist()

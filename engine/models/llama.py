@@ -1,0 +1,218 @@
+"""Llama (and Llama-shaped) decoder for the embedded engine, over the paged KV cache.
+
+The batch is packed: `input_ids` and `positions` are flat [num_tokens] tensors covering every
+sequence of the step (whole prompts on prefill, one token per sequence on decode). Weights use
+Hugging Face names; q/k/v and gate/up are fused at load time into one matmul each.
+"""
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from engine.attention import AttentionMetadata, decode_attention, prefill_attention, store_kv
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_blocks, block_size, kv_heads, head_dim]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
+        # Normalise in fp32 and cast back before the weight, exactly as transformers does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, from transformers' own inv_freq for the rope type.
+
+    Static rope types only: "dynamic" NTK scaling, which changes inv_freq with the sequence
+    length, is computed for the original context length.
+    """
+
+    def __init__(self, config: LlamaConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.max_positions = max_positions
+        head_dim = _head_dim(config)
+        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scaling = self.config.rope_scaling or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, self.cos.device)
+        positions = torch.arange(self.max_positions, device=self.cos.device, dtype=torch.float)
+        freqs = torch.outer(positions, inv_freq.float())  # [max_positions, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+        self.cos.copy_(emb.cos() * attention_scaling)
+        self.sin.copy_(emb.sin() * attention_scaling)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions][:, None], self.sin[positions][:, None]  # [num_tokens, 1, d]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: [num_tokens, heads, head_dim] by the per-token angles (HF's rotate_half form)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = _head_dim(config)
+        self.scale = self.head_dim**-0.5
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        bias = getattr(config, "attention_bias", False)
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]
+        cos: torch.Tensor,  # [num_tokens, 1, head_dim]
+        sin: torch.Tensor,  # [num_tokens, 1, head_dim]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        n = x.shape[0]
+        qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
+        # Rotate q and k together: [num_tokens, heads + kv_heads, head_dim]
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_prefill:
+            assert meta.seq_lens is not None
+            o = prefill_attention(q, k, v, meta.seq_lens, self.scale)
+        else:
+            o = decode_attention(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(n, self.q_size))  # o: [num_tokens, heads, head_dim]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each [num_tokens, intermediate]
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))  # [num_tokens, hidden]
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder stack plus LM head; `forward` gives hidden states, `compute_logits` the logits."""
+
+    # HF weight name -> (fused parameter, shard index); shards are stacked along dim 0.
+    stacked_params = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: LlamaConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, max_positions)
+        self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
+        self.lm_head = (
+            None
+            if self.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_caches: list[KVCache],  # one per layer
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden], before the final norm
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[b, hidden] pre-norm hidden states of the sampled positions -> [b, vocab] logits."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(hidden), weight)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the (fused) parameters; error if any is left unset."""
+        params = dict(self.named_parameters())
+        missing = {(name, shard) for name in params for shard in range(self._num_shards(name))}
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue  # recomputed / tied to the embedding
+            parts = name.split(".")
+            fused, shard = self.stacked_params.get(parts[-2], (None, 0))
+            if fused is not None:
+                name = ".".join([*parts[:-2], fused, parts[-1]])
+            self._shard(params[name], name, shard).copy_(tensor)
+            missing.discard((name, shard))
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:5]}")
+
+    def _shard_sizes(self, name: str) -> list[int] | None:
+        """Row counts of the projections fused into a parameter; None if not fused."""
+        if ".qkv_proj." in name:
+            attn = self.layers[0].self_attn
+            return [attn.q_size, attn.kv_size, attn.kv_size]
+        if ".gate_up_proj." in name:
+            return [self.config.intermediate_size] * 2
+        return None
+
+    def _num_shards(self, name: str) -> int:
+        return len(self._shard_sizes(name) or [None])
+
+    def _shard(self, param: torch.Tensor, name: str, shard: int) -> torch.Tensor:
+        """The rows of a (fused) parameter that hold one original projection."""
+        sizes = self._shard_sizes(name)
+        if sizes is None:
+            return param
+        return param.narrow(0, sum(sizes[:shard]), sizes[shard])
+
+
+def _head_dim(config: LlamaConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -1,0 +1,120 @@
+"""OpenAI-compatible routes of the engine, as TGI serves them."""
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from engine.errors import RequestError, ValidationError
+from engine.schemas import ChatRequest
+from engine.service import TextGenerationService, ValidRequest
+from engine.sse import sse_event, sse_response
+
+SYSTEM_FINGERPRINT = "3.3.6-ray-tgi"
+
+# TGI's mapping of its finish reasons onto OpenAI's.
+OPENAI_FINISH_REASON = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+
+
+def register(app: FastAPI, service: TextGenerationService, model_id: str) -> None:
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": model_id, "object": "model", "created": 0, "owned_by": model_id}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatRequest) -> JSONResponse | StreamingResponse:
+        request = validate_chat(service, body)
+        service.admit()
+        envelope = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": model_id,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+        if body.stream:
+            chunks = chat_chunks(service, body, request, envelope)
+            return sse_response(sse_event(chunk) async for chunk in chunks)
+        try:
+            text, finish_reason, num_generated = "", None, 0
+            async for token in service.generate(request):
+                num_generated += 1
+                if token.finish_reason:
+                    text, finish_reason = token.generated_text, token.finish_reason
+        finally:
+            service.release()
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": OPENAI_FINISH_REASON[finish_reason],
+        }
+        return JSONResponse(
+            {
+                **envelope,
+                "object": "chat.completion",
+                "choices": [choice],
+                "usage": usage(len(request.prompt_ids), num_generated),
+            }
+        )
+
+
+def usage(num_prompt: int, num_generated: int) -> dict:
+    return {
+        "prompt_tokens": num_prompt,
+        "completion_tokens": num_generated,
+        "total_tokens": num_prompt + num_generated,
+    }
+
+
+def validate_chat(service: TextGenerationService, body: ChatRequest) -> ValidRequest:
+    unsupported = body.unsupported_fields()
+    if unsupported:
+        raise ValidationError(f"`{unsupported[0]}` is not supported by the embedded engine yet")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt = service.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as e:  # a template may raise on roles or orders it does not accept
+        raise ValidationError(f"chat template error: {e}") from e
+    temperature = body.temperature
+    greedy = temperature == 0  # OpenAI's temperature 0 means greedy; TGI rejects it elsewhere
+    return service.validate(
+        service.tokenize(prompt),
+        body.max_tokens,
+        do_sample=not greedy and temperature is not None,
+        temperature=None if greedy else temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop_sequences(),
+    )
+
+
+async def chat_chunks(
+    service: TextGenerationService, body: ChatRequest, request: ValidRequest, envelope: dict
+) -> AsyncIterator[dict | str]:
+    """chat.completion.chunk objects, then "[DONE]"; an error mid-stream is an error event."""
+    base = {**envelope, "object": "chat.completion.chunk"}
+    num_generated = 0
+    try:
+        async for token in service.generate(request):
+            num_generated += 1
+            content = "" if token.special else token.text
+            finish_reason = token.finish_reason and OPENAI_FINISH_REASON[token.finish_reason]
+            choice = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": content},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            yield {**base, "choices": [choice], "usage": None}
+        if body.stream_options and body.stream_options.include_usage:
+            yield {**base, "choices": [], "usage": usage(len(request.prompt_ids), num_generated)}
+        yield "[DONE]"
+    except RequestError as error:
+        yield error.to_dict()
+    finally:
+        service.release()

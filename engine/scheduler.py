@@ -1,0 +1,142 @@
+"""`Scheduler`: continuous batching over a paged KV cache (plain Python, no torch).
+
+Each step is either a prefill of waiting sequences or one decode token for every running
+sequence. Prefill wins whenever a waiting sequence fits, so requests join between decode
+steps; finished sequences leave at once. When a decode step cannot get a block, the newest
+running sequence is preempted: its blocks are freed and it goes back to the front of the
+queue, to be recomputed later from its prompt plus the tokens it has generated so far.
+"""
+
+from collections import deque
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.protocol import FinishReason
+from engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the block manager."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.block_size = config.block_size
+        self.max_batch_prefill_tokens = config.max_batch_prefill_tokens
+        self.max_batch_size = config.max_batch_size
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.waiting: deque[Sequence] = deque()  # FIFO; preempted sequences go to the front
+        self.running: deque[Sequence] = deque()  # oldest first, so the newest is running[-1]
+        self._seqs: dict[str, Sequence] = {}  # every unfinished sequence, by request id
+
+    @property
+    def num_cache_tokens(self) -> int:
+        return self.block_manager.num_total_blocks * self.block_size
+
+    def has_unfinished_seqs(self) -> bool:
+        return bool(self._seqs)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; ValueError if it could never be served."""
+        if seq.request_id in self._seqs:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        if seq.params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if seq.num_prompt_tokens > self.max_batch_prefill_tokens:
+            raise ValueError(
+                f"prompt has {seq.num_prompt_tokens} tokens, more than "
+                f"max_batch_prefill_tokens={self.max_batch_prefill_tokens}"
+            )
+        if seq.max_num_tokens > self.num_cache_tokens:
+            raise ValueError(
+                f"prompt ({seq.num_prompt_tokens} tokens) + max_new_tokens "
+                f"({seq.params.max_new_tokens}) exceeds the KV cache capacity of "
+                f"{self.num_cache_tokens} tokens"
+            )
+        self._seqs[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a sequence wherever it is and free its blocks; None if unknown or finished."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        queue = self.waiting if seq.status is SequenceStatus.WAITING else self.running
+        queue.remove(seq)
+        self._release(seq)
+        return seq
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Pick the next batch: (sequences, is_prefill); ([], False) when there is no work."""
+        if prefill := self._schedule_prefill():
+            return prefill, True
+        if decode := self._schedule_decode():
+            return decode, False
+        # A lone sequence that preempted itself fits the now empty cache: recompute it.
+        if prefill := self._schedule_prefill():
+            return prefill, True
+        return [], False
+
+    def _has_batch_slot(self, num_seqs: int) -> bool:
+        return self.max_batch_size is None or num_seqs < self.max_batch_size
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        num_batched_tokens = 0
+        while self.waiting and self._has_batch_slot(len(self.running) + len(scheduled)):
+            seq = self.waiting[0]
+            # The prefill budget caps batching; it never blocks a batch's first sequence (a
+            # preempted one is recomputed with its generated tokens and may exceed it).
+            if scheduled and num_batched_tokens + seq.num_tokens > self.max_batch_prefill_tokens:
+                break
+            # Keep one block per running sequence free for its next decode token, so that
+            # admitting a request does not immediately force a preemption.
+            num_reserved = len(self.running) + len(scheduled)
+            if not self.block_manager.can_allocate(seq, num_reserved):
+                break
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            num_batched_tokens += seq.num_tokens
+            self.waiting.popleft()
+            scheduled.append(seq)
+        self.running.extend(scheduled)
+        return scheduled
+
+    def _schedule_decode(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        while self.running:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())  # the newest unscheduled sequence
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                self.block_manager.may_append(seq)
+                scheduled.append(seq)
+        self.running.extend(scheduled)
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+        """Append each sequence's new token; finish (and free) those that are done."""
+        for seq, token_id in zip(seqs, token_ids, strict=True):
+            seq.append_token(token_id)
+            reason: FinishReason
+            if token_id in seq.params.eos_token_ids:
+                reason = "eos_token"
+            elif seq.num_completion_tokens >= seq.params.max_new_tokens:
+                reason = "length"
+            else:
+                continue
+            seq.finish_reason = reason
+            self.running.remove(seq)
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.FINISHED
+        del self._seqs[seq.request_id]

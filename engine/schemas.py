@@ -1,0 +1,118 @@
+"""Request bodies of the TGI and OpenAI routes (TGI 3.3 API, shared/anchors/tgi-openapi.json).
+
+Unknown fields are ignored, as TGI's serde does. Fields the embedded engine does not implement
+yet are accepted at their neutral value and rejected by name otherwise (`unsupported_fields`).
+"""
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    # name -> value that means "off"; any other value is rejected until implemented.
+    neutral_values: ClassVar[dict[str, object]] = {}
+
+    def unsupported_fields(self) -> list[str]:
+        return [
+            name
+            for name, neutral in self.neutral_values.items()
+            if getattr(self, name) not in (None, neutral)
+        ]
+
+
+class GenerateParameters(_Request):
+    best_of: int | None = None
+    decoder_input_details: bool = False
+    details: bool = False  # TGI's behaviour; the spec says true
+    do_sample: bool = False
+    frequency_penalty: float | None = None
+    grammar: dict | None = None
+    max_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    return_full_text: bool | None = None
+    seed: int | None = Field(default=None, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    temperature: float | None = None
+    top_k: int | None = None
+    top_n_tokens: int | None = None
+    top_p: float | None = None
+    truncate: int | None = None
+    typical_p: float | None = None
+    watermark: bool = False
+    adapter_id: str | None = None
+
+    neutral_values: ClassVar[dict[str, object]] = {
+        "best_of": 1,
+        "decoder_input_details": False,
+        "frequency_penalty": 0.0,
+        "grammar": None,
+        "repetition_penalty": 1.0,
+        "top_n_tokens": 0,
+        "typical_p": 1.0,
+        "watermark": False,
+        "adapter_id": None,
+    }
+
+
+class GenerateRequest(_Request):
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """Body of TGI's POST `/`: a generate request that may ask for a stream."""
+
+    stream: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict] = ""
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+
+    neutral_values: ClassVar[dict[str, object]] = {
+        "n": 1,
+        "logprobs": False,
+        "top_logprobs": 0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "response_format": None,
+        "tools": None,
+    }
+
+    def stop_sequences(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else self.stop

@@ -1,0 +1,185 @@
+"""Validated configuration of a ray-tgi application (the `args:` of serve_config.yaml).
+
+Every model is pydantic with `extra="forbid"`, so a misspelled key or an unknown launcher
+flag fails at deploy time with its name, not at runtime inside a replica.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# TGI's `--quantize` choices (text-generation-launcher 3.x).
+Quantization = Literal[
+    "awq",
+    "compressed-tensors",
+    "eetq",
+    "exl2",
+    "gptq",
+    "marlin",
+    "bitsandbytes",
+    "bitsandbytes-nf4",
+    "bitsandbytes-fp4",
+    "fp8",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LauncherArgs(_Strict):
+    """TGI launcher flags (`text-generation-launcher --help`); unset flags use its defaults.
+
+    The flags that each replica must own (`--hostname --port --master-port --shard-uds-path`)
+    and those set from `ModelConfig` (`--model-id --revision --num-shard`) are not accepted.
+    """
+
+    max_concurrent_requests: int | None = Field(
+        None, ge=1, description="Requests in flight before the server answers 429."
+    )
+    max_best_of: int | None = Field(None, ge=1, description="Largest `best_of` accepted.")
+    max_stop_sequences: int | None = Field(None, ge=0, description="Most stop sequences.")
+    max_top_n_tokens: int | None = Field(None, ge=0, description="Largest `top_n_tokens`.")
+    max_input_tokens: int | None = Field(None, ge=1, description="Longest prompt, in tokens.")
+    max_total_tokens: int | None = Field(
+        None, ge=2, description="Longest prompt + generation, in tokens (per request)."
+    )
+    waiting_served_ratio: float | None = Field(
+        None, ge=0, description="Waiting/running ratio that triggers a prefill of waiters."
+    )
+    max_batch_prefill_tokens: int | None = Field(
+        None, ge=1, description="Most tokens in one prefill batch."
+    )
+    max_batch_total_tokens: int | None = Field(
+        None, ge=1, description="KV-cache budget: most tokens held by one running batch."
+    )
+    max_waiting_tokens: int | None = Field(
+        None, ge=0, description="Decode steps before waiting requests are forced into a batch."
+    )
+    max_batch_size: int | None = Field(None, ge=1, description="Most requests in one batch.")
+    dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
+        None, description="Weight dtype (TGI itself accepts float16 and bfloat16 only)."
+    )
+    quantize: Quantization | None = Field(None, description="Weight quantization method.")
+    sharded: bool | None = Field(None, description="Force sharding on or off.")
+    cuda_graphs: list[int] | None = Field(
+        None, description="Batch sizes to capture CUDA graphs for; [0] disables them."
+    )
+    cuda_memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="Fraction of GPU memory the server may use."
+    )
+    huggingface_hub_cache: str | None = Field(None, description="Hub cache directory.")
+    payload_limit: int | None = Field(None, ge=1, description="Largest request body, bytes.")
+    json_output: bool = Field(False, description="Log as JSON lines (a bare switch).")
+    otlp_endpoint: str | None = Field(None, description="OpenTelemetry collector endpoint.")
+
+    @model_validator(mode="after")
+    def _check_token_budgets(self) -> "LauncherArgs":
+        # The same checks text-generation-launcher makes before it starts anything.
+        def check(small: str, big: str, strict: bool) -> None:
+            a, b = getattr(self, small), getattr(self, big)
+            if a is None or b is None:
+                return
+            if a > b or (strict and a == b):
+                relation = "<" if strict else "<="
+                raise ValueError(f"{small} ({a}) must be {relation} {big} ({b})")
+
+        check("max_input_tokens", "max_total_tokens", strict=True)
+        check("max_input_tokens", "max_batch_prefill_tokens", strict=False)
+        check("max_total_tokens", "max_batch_total_tokens", strict=False)
+        check("max_batch_prefill_tokens", "max_batch_total_tokens", strict=False)
+        return self
+
+    def to_argv(self) -> list[str]:
+        """Set flags as kebab-case argv (`--max-total-tokens 2048`), unset ones left out."""
+        argv: list[str] = []
+        for name, value in self.model_dump(exclude_none=True).items():
+            flag = "--" + name.replace("_", "-")
+            if name == "json_output":  # a bare switch in TGI's launcher
+                if value:
+                    argv.append(flag)
+            elif isinstance(value, bool):
+                argv += [flag, str(value).lower()]
+            elif isinstance(value, list):
+                argv += [flag, ",".join(str(v) for v in value)]
+            else:
+                argv += [flag, str(value)]
+        return argv
+
+
+class ResourceConfig(_Strict):
+    """Ray resources of one TGIServer replica."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per shard.")
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve options of one model's TGIServer deployment."""
+
+    num_replicas: int = Field(1, ge=1, description="Replicas, each running its own launcher.")
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests Serve sends one replica at once; default: the launcher's "
+        "max_concurrent_requests (128 when unset), so continuous batching sees them all.",
+    )
+    health_check_period_s: float = Field(10, gt=0, description="Seconds between health checks.")
+    health_check_timeout_s: float = Field(30, gt=0, description="Health check deadline.")
+    graceful_shutdown_timeout_s: float = Field(
+        20, ge=0, description="Seconds a stopping replica may drain before it is killed."
+    )
+    startup_timeout_s: float = Field(
+        600, gt=0, description="Seconds the launcher may take to load the model and get healthy."
+    )
+
+
+class ModelConfig(_Strict):
+    """One served model: which weights, which engine, how it is sharded and deployed."""
+
+    name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9._\-]+$", description="Model name clients use."
+    )
+    model_id: str = Field(min_length=1, description="Hub id or local path of the weights.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    engine: Literal["embedded", "tgi"] = Field(
+        "embedded",
+        description="embedded: `python -m engine`; tgi: the real `text-generation-launcher`.",
+    )
+    num_shard: int = Field(1, ge=1, description="Tensor-parallel shards (one GPU each).")
+    launcher_args: LauncherArgs = Field(default_factory=LauncherArgs)
+    resources: ResourceConfig = Field(default_factory=ResourceConfig)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    def launcher_argv(self) -> list[str]:
+        """Launcher flags for this model, without the per-replica host/port flags."""
+        argv = ["--model-id", self.model_id]
+        if self.revision is not None:
+            argv += ["--revision", self.revision]
+        argv += ["--num-shard", str(self.num_shard)]
+        return argv + self.launcher_args.to_argv()
+
+
+class IngressOptions(_Strict):
+    """Ray Serve options of the HTTP ingress deployment."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(0.1, gt=0, description="CPUs reserved per ingress replica.")
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="Concurrent HTTP requests one ingress replica handles."
+    )
+
+
+class AppArgs(_Strict):
+    """The whole application: the models it serves and its ingress."""
+
+    models: list[ModelConfig] = Field(min_length=1, description="Served models.")
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+
+    @model_validator(mode="after")
+    def _check_unique_names(self) -> "AppArgs":
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique, repeated: {duplicates}")
+        return self

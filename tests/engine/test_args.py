@@ -1,0 +1,45 @@
+import pytest
+
+from engine.args import parse_launcher_args, resolve_token_limits
+
+
+def test_flags_override_environment_and_environment_overrides_defaults():
+    env = {"MAX_TOTAL_TOKENS": "512", "PORT": "9000", "JSON_OUTPUT": "true"}
+    args = parse_launcher_args(["--port", "8080"], env)
+    assert args.port == 8080  # flag wins
+    assert args.max_total_tokens == 512  # from the environment
+    assert args.json_output is True
+    assert args.max_concurrent_requests == 128  # TGI's default
+
+
+def test_max_input_length_is_an_alias_of_max_input_tokens():
+    assert parse_launcher_args(["--max-input-length", "100"], {}).max_input_tokens == 100
+    assert parse_launcher_args([], {"MAX_INPUT_LENGTH": "7"}).max_input_tokens == 7
+
+
+def test_unknown_flag_is_rejected():
+    with pytest.raises(SystemExit):
+        parse_launcher_args(["--no-such-flag", "1"], {})
+
+
+def test_token_limits_are_derived_like_tgi():
+    args = parse_launcher_args([], {})
+    resolve_token_limits(args, max_position_embeddings=8192)
+    assert args.max_total_tokens == 8192
+    assert args.max_input_tokens == 8191
+    assert args.max_batch_prefill_tokens == 8191 + 50
+    assert args.max_batch_total_tokens >= 8192
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-input-tokens", "100", "--max-total-tokens", "100"], "max_input_tokens"),
+        (["--max-input-tokens", "100", "--max-batch-prefill-tokens", "50"], "prefill"),
+        (["--max-total-tokens", "4096", "--max-batch-total-tokens", "1024"], "batch_total"),
+    ],
+)
+def test_inconsistent_token_limits_are_rejected(argv, message):
+    args = parse_launcher_args(argv, {})
+    with pytest.raises(ValueError, match=message):
+        resolve_token_limits(args, max_position_embeddings=8192)

@@ -1,0 +1,140 @@
+"""The engine's greedy output is token-identical to transformers' `generate` (real model, fp32).
+
+Requests arrive while others are decoding, and a second run squeezes the KV cache so that
+sequences are preempted and recomputed; both must match HF run one prompt at a time.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.protocol import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "List three primary colors."}],
+    [
+        {"role": "system", "content": "You are a terse assistant who answers in one sentence."},
+        {"role": "user", "content": "Why is the sky blue? Explain it to a ten year old child."},
+    ],
+    [
+        {"role": "user", "content": "Hi! Who are you?"},
+        {"role": "assistant", "content": "I am a helpful assistant. How can I help?"},
+        {"role": "user", "content": "Tell me a fun fact about octopuses."},
+    ],
+]
+TEXTS = [
+    "Hello",
+    "The quick brown fox",
+    "def fibonacci(n):",
+    "1, 2, 3, 4, 5,",
+    "Once upon a time, in a small village nestled between rolling hills and a quiet river, "
+    "there lived an old clockmaker named Elias. Every morning he opened the shutters of his "
+    "tiny shop, wound each of the hundred clocks on its walls, and listened to them tick in "
+    "unison. The villagers said his clocks never lost a second, and travellers came from far "
+    "away to buy them. One winter evening, a stranger in a long grey coat knocked on the door",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(default_model_dir) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    chats = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in CHATS]
+    texts = [tokenizer(t)["input_ids"] for t in TEXTS]
+    # Interleave so that long and short prompts arrive mixed.
+    mixed = [p for pair in zip(chats, texts, strict=True) for p in pair]
+    assert len({len(p) for p in mixed}) == len(mixed), "prompt lengths should all differ"
+    return mixed
+
+
+def max_new_tokens(i: int) -> int:
+    return 24 + (5 * i) % 9
+
+
+@pytest.fixture(scope="module")
+def hf_outputs(default_model_dir, prompts) -> tuple[list[list[int]], frozenset[int]]:
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
+    outputs = []
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            input_ids = torch.tensor([prompt])
+            out = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens(i),
+                do_sample=False,
+                pad_token_id=min(eos_ids),
+            )
+            outputs.append(out[0, len(prompt) :].tolist())
+    return outputs, eos_ids
+
+
+def run_staggered(engine: LLMEngine, prompts: list[list[int]], eos_ids) -> dict[str, list[int]]:
+    """Submit 4 requests, then one more every 3 steps while those decode; run to the end."""
+    generated: dict[str, list[int]] = {}
+    pending = list(enumerate(prompts))
+
+    def submit() -> None:
+        i, prompt = pending.pop(0)
+        params = SamplingParams(max_new_tokens=max_new_tokens(i), eos_token_ids=eos_ids)
+        engine.add_request(f"req{i}", prompt, params)
+        generated[f"req{i}"] = []
+
+    for _ in range(4):
+        submit()
+    num_steps = 0
+    while engine.has_unfinished_requests() or pending:
+        if pending and num_steps >= 2 and num_steps % 3 == 0:
+            submit()
+        for token in engine.step():
+            generated[token.request_id].append(token.token_id)
+            done = len(generated[token.request_id]) == max_new_tokens(int(token.request_id[3:]))
+            assert (token.finish_reason is not None) == (done or token.token_id in eos_ids)
+        num_steps += 1
+    return generated
+
+
+def assert_matches_hf(generated, hf_outputs, engine: LLMEngine) -> None:
+    expected, _ = hf_outputs
+    for i, tokens in enumerate(expected):
+        assert generated[f"req{i}"] == tokens, f"request {i} differs from HF"
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert (stats.num_waiting, stats.num_running, stats.num_batch_tokens) == (0, 0, 0)
+
+
+def test_staggered_batch_matches_hf(default_model_dir, prompts, hf_outputs):
+    config = EngineConfig(model_dir=str(default_model_dir), max_batch_prefill_tokens=256)
+    engine = LLMEngine(config)
+    generated = run_staggered(engine, prompts, hf_outputs[1])
+    assert_matches_hf(generated, hf_outputs, engine)
+    assert (
+        AutoTokenizer.from_pretrained(default_model_dir)
+        .decode(generated["req0"])
+        .startswith("The capital of France is Paris.")
+    )
+
+
+def test_preemption_under_a_small_cache_matches_hf(default_model_dir, prompts, hf_outputs):
+    longest = max(len(p) + max_new_tokens(i) for i, p in enumerate(prompts))
+    config = EngineConfig(
+        model_dir=str(default_model_dir), max_batch_total_tokens=longest + 16, block_size=8
+    )
+    engine = LLMEngine(config)
+    preempt, num_preemptions = engine.scheduler._preempt, []
+
+    def counting_preempt(seq):
+        num_preemptions.append(seq.request_id)
+        preempt(seq)
+
+    engine.scheduler._preempt = counting_preempt
+    generated = run_staggered(engine, prompts, hf_outputs[1])
+    assert num_preemptions, "the cache was meant to be too small to avoid preemption"
+    assert_matches_hf(generated, hf_outputs, engine)
