@@ -156,12 +156,18 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        body = await _json_object(request)
+        return await self._openai("/v1/chat/completions", await _json_object(request))
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._openai("/v1/completions", await _json_object(request))
+
+    async def _openai(self, path: str, body: dict[str, Any]) -> Response:
         server = self._server(body.get("model"))
         if body.get("stream"):
-            stream = server.options(stream=True).chat_completions_stream.remote(body)
+            stream = server.options(stream=True).openai_stream.remote(path, body)
             return await _sse_response(stream, lambda event: event)
-        return JSONResponse(await server.chat_completions.remote(body))
+        return JSONResponse(await server.openai.remote(path, body))
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:

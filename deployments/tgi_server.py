@@ -22,6 +22,8 @@ from serve_app.config import ModelConfig
 # TGI's default --max-concurrent-requests.
 _DEFAULT_MAX_CONCURRENT_REQUESTS = 128
 
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
 
 class TGIServer:
     """Serve deployment class; compose with
@@ -104,14 +106,15 @@ class TGIServer:
                     raise TGIError.from_payload(200, payload)  # an error inside the stream
                 yield payload
 
-    async def chat_completions(self, request: dict[str, Any]) -> dict[str, Any]:
-        """POST /v1/chat/completions without streaming; returns the ChatCompletion."""
-        return await self._post_json("/v1/chat/completions", request)
+    async def openai(self, path: str, request: dict[str, Any]) -> dict[str, Any]:
+        """POST an OpenAI route (`/v1/chat/completions`, `/v1/completions`) without
+        streaming; returns the completion object."""
+        return await self._post_json(_openai_path(path), request)
 
-    async def chat_completions_stream(self, request: dict[str, Any]) -> AsyncIterator[str]:
-        """POST /v1/chat/completions with `stream: true`; yields each SSE event verbatim
-        (the engine's own `data: [DONE]` and error events included)."""
-        async with aclosing(self._stream_data("/v1/chat/completions", request)) as events:
+    async def openai_stream(self, path: str, request: dict[str, Any]) -> AsyncIterator[str]:
+        """POST an OpenAI route with `stream: true`; yields each SSE event verbatim (the
+        engine's own `data: [DONE]` and error events included)."""
+        async with aclosing(self._stream_data(_openai_path(path), request)) as events:
             async for data in events:
                 yield f"data: {data}\n\n"
 
@@ -163,6 +166,12 @@ class TGIServer:
             async for line in response.aiter_lines():
                 if line.startswith("data:"):
                     yield line[len("data:") :].strip()
+
+
+def _openai_path(path: str) -> str:
+    if path not in OPENAI_PATHS:
+        raise ValueError(f"not an OpenAI route: {path!r}")
+    return path
 
 
 def _raise_for_error(status_code: int, body: bytes) -> None:

@@ -35,7 +35,13 @@ def download_weights(argv: list[str]) -> int:
     if len(argv) not in (1, 2):
         print("usage: python -m engine download-weights MODEL_ID [REVISION]", file=sys.stderr)
         return 2
-    print(resolve_model_dir(*argv))
+    try:
+        print(resolve_model_dir(*argv))
+    except Exception as e:  # noqa: BLE001 - a user-facing command: one clear line, exit 1
+        print(
+            f"error: cannot get weights for {argv[0]!r}: {type(e).__name__}: {e}", file=sys.stderr
+        )
+        return 1
     return 0
 
 
@@ -79,6 +85,7 @@ def build(args):
         max_input_tokens=args.max_input_tokens,
         max_total_tokens=args.max_total_tokens,
         max_stop_sequences=args.max_stop_sequences,
+        max_client_batch_size=args.max_client_batch_size,
     )
     service = TextGenerationService(async_engine, tokenizer, eos_token_ids(model_dir), limits)
     return create_app(service, info_dict(args)), async_engine
@@ -102,7 +109,7 @@ def info_dict(args) -> dict:
         "max_input_tokens": args.max_input_tokens,
         "max_total_tokens": args.max_total_tokens,
         "validation_workers": 1,
-        "max_client_batch_size": 4,
+        "max_client_batch_size": args.max_client_batch_size,
         "router": "ray-tgi-embedded",
         "version": API_VERSION,
         "sha": None,

@@ -41,6 +41,7 @@ FLAGS = [
     Flag("max-best-of", int, 2, "Largest best_of"),
     Flag("max-stop-sequences", int, 4, "Most stop sequences per request"),
     Flag("max-top-n-tokens", int, 5, "Largest top_n_tokens"),
+    Flag("max-client-batch-size", int, 4, "Most prompts in one /v1/completions request"),
     Flag("max-input-tokens", int, None, "Longest prompt", aliases=("max-input-length",)),
     Flag("max-total-tokens", int, None, "Longest prompt + generation"),
     Flag("waiting-served-ratio", float, 0.3, "", implemented=False),

@@ -7,15 +7,12 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from engine import completions
 from engine.errors import RequestError, ValidationError
+from engine.openai_common import OPENAI_FINISH_REASON, SYSTEM_FINGERPRINT, usage
 from engine.schemas import ChatRequest
 from engine.service import TextGenerationService, ValidRequest
 from engine.sse import sse_event, sse_response
-
-SYSTEM_FINGERPRINT = "3.3.6-ray-tgi"
-
-# TGI's mapping of its finish reasons onto OpenAI's.
-OPENAI_FINISH_REASON = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 
 def register(app: FastAPI, service: TextGenerationService, model_id: str) -> None:
@@ -23,6 +20,10 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
     async def models() -> dict:
         card = {"id": model_id, "object": "model", "created": 0, "owned_by": model_id}
         return {"object": "list", "data": [card]}
+
+    completions.register(
+        app, service, {"model": model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
+    )
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> JSONResponse | StreamingResponse:
@@ -59,14 +60,6 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
                 "usage": usage(len(request.prompt_ids), num_generated),
             }
         )
-
-
-def usage(num_prompt: int, num_generated: int) -> dict:
-    return {
-        "prompt_tokens": num_prompt,
-        "completion_tokens": num_generated,
-        "total_tokens": num_prompt + num_generated,
-    }
 
 
 def validate_chat(service: TextGenerationService, body: ChatRequest) -> ValidRequest:

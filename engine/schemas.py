@@ -113,6 +113,36 @@ class ChatRequest(_Request):
     }
 
     def stop_sequences(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else self.stop
+        return stop_sequences(self.stop)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    stream: bool = False
+    suffix: str | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    neutral_values: ClassVar[dict[str, object]] = {
+        "suffix": None,
+        "repetition_penalty": 1.0,
+        "frequency_penalty": 0.0,
+    }
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    def stop_sequences(self) -> list[str]:
+        return stop_sequences(self.stop)
+
+
+def stop_sequences(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else stop

@@ -22,6 +22,7 @@ class Limits:
     max_input_tokens: int
     max_total_tokens: int
     max_stop_sequences: int
+    max_client_batch_size: int
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,11 @@ class TextGenerationService:
             params = SamplingParams(**{**params.__dict__, "seed": random.getrandbits(63)})
         return ValidRequest(prompt_ids, params, stop)
 
-    def admit(self) -> None:
-        """Take a concurrency slot (release with `release`) or fail with 429."""
-        if self.num_in_flight >= self.limits.max_concurrent_requests:
+    def admit(self, num_requests: int = 1) -> None:
+        """Take concurrency slots, all or none (release each with `release`), or fail with 429."""
+        if self.num_in_flight + num_requests > self.limits.max_concurrent_requests:
             raise OverloadedError()
-        self.num_in_flight += 1
+        self.num_in_flight += num_requests
 
     def release(self) -> None:
         self.num_in_flight -= 1

@@ -230,10 +230,10 @@ def test_tgi_server_routes_and_errors(stand_in):
             tokens = [e["token"]["text"] async for e in server.generate_stream({"inputs": "hi"})]
             assert "".join(tokens) == "The capital of France is Paris."
             chat = {"messages": [{"role": "user", "content": "hi"}]}
-            assert (
-                "Paris" in (await server.chat_completions(chat))["choices"][0]["message"]["content"]
-            )
-            events = [e async for e in server.chat_completions_stream({**chat, "stream": True})]
+            answer = await server.openai("/v1/chat/completions", chat)
+            assert "Paris" in answer["choices"][0]["message"]["content"]
+            stream = server.openai_stream("/v1/chat/completions", {**chat, "stream": True})
+            events = [e async for e in stream]
             assert events[-1] == "data: [DONE]\n\n" and events[0].startswith("data: {")
             assert (await server.info())["model_id"] == "stand-in"
 

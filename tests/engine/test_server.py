@@ -161,3 +161,30 @@ def test_compat_route_answers_as_a_list_or_a_stream(engine_url):
         assert stream.headers["content-type"].startswith("text/event-stream")
         events = [line for line in stream.iter_lines() if line.startswith("data:")]
     assert '"generated_text": "The capital of France is Paris."' in events[-1]
+
+
+def test_openai_completions_single_list_and_stream(engine_url):
+    client = openai.OpenAI(base_url=f"{engine_url}/v1", api_key="unused")
+    answer = client.completions.create(
+        model="any", prompt=CHAT_PROMPT, max_tokens=20, temperature=0
+    )
+    assert answer.choices[0].text == PARIS
+    assert answer.choices[0].finish_reason == "stop"
+    batch = client.completions.create(
+        model="any", prompt=[CHAT_PROMPT, "1, 2, 3, 4,"], max_tokens=6, temperature=0
+    )
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == PARIS[: len(batch.choices[0].text)]
+    assert batch.usage.completion_tokens == 12
+    chunks = list(
+        client.completions.create(
+            model="any", prompt=[CHAT_PROMPT] * 2, max_tokens=20, temperature=0, stream=True
+        )
+    )
+    for index in (0, 1):
+        assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == index) == PARIS
+    too_many = httpx.post(
+        f"{engine_url}/v1/completions", json={"prompt": ["a"] * 5, "max_tokens": 2}
+    )
+    assert too_many.status_code == 422
+    assert "--max-client-batch-size" in too_many.json()["error"]

@@ -154,6 +154,14 @@ def test_openai_client(serve_run):
     chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len(chunks) > 1
     assert "Paris" in "".join(chunks)
+    completion = client.completions.create(
+        model=MODEL, prompt=CHAT_PROMPT, temperature=0, max_tokens=32
+    )
+    assert "Paris" in completion.choices[0].text
+    stream = client.completions.create(
+        model=MODEL, prompt=CHAT_PROMPT, temperature=0, max_tokens=32, stream=True
+    )
+    assert "Paris" in "".join(c.choices[0].text for c in stream)
 
 
 def test_text_generation_client(serve_run):

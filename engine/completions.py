@@ -1,0 +1,124 @@
+"""OpenAI's legacy `/v1/completions` route, as TGI serves it: raw prompts, no chat template.
+
+`prompt` is one string or a list of them (at most `max_client_batch_size`); each prompt is its
+own engine request with its own concurrency slot, and its choice carries the prompt's index.
+"""
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from engine.errors import RequestError, ValidationError
+from engine.openai_common import OPENAI_FINISH_REASON, usage
+from engine.schemas import CompletionRequest
+from engine.service import GeneratedToken, TextGenerationService, ValidRequest
+from engine.sse import sse_event, sse_response
+
+
+def register(app: FastAPI, service: TextGenerationService, envelope_base: dict) -> None:
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> JSONResponse | StreamingResponse:
+        prompts = body.prompts()
+        if not 1 <= len(prompts) <= service.limits.max_client_batch_size:
+            raise ValidationError(
+                f"Number of prompts must be between 1 and {service.limits.max_client_batch_size}"
+                f" (--max-client-batch-size), got {len(prompts)}"
+            )
+        requests = [validate_completion(service, body, prompt) for prompt in prompts]
+        service.admit(len(requests))
+        envelope = {
+            **envelope_base,
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "object": "text_completion",
+        }
+        if body.stream:
+            return sse_response(completion_events(service, requests, envelope))
+        try:
+            results = await asyncio.gather(*(run_to_end(service, r) for r in requests))
+        finally:
+            for _ in requests:
+                service.release()
+        choices = [
+            {"index": i, "text": last.generated_text, "logprobs": None,
+             "finish_reason": OPENAI_FINISH_REASON[last.finish_reason]}
+            for i, (last, _) in enumerate(results)
+        ]  # fmt: skip
+        num_prompt = sum(len(r.prompt_ids) for r in requests)
+        num_generated = sum(n for _, n in results)
+        return JSONResponse(
+            {**envelope, "choices": choices, "usage": usage(num_prompt, num_generated)}
+        )
+
+
+def validate_completion(
+    service: TextGenerationService, body: CompletionRequest, prompt: str
+) -> ValidRequest:
+    unsupported = body.unsupported_fields()
+    if unsupported:
+        raise ValidationError(f"`{unsupported[0]}` is not supported by the embedded engine yet")
+    greedy = body.temperature == 0  # OpenAI's temperature 0 means greedy
+    return service.validate(
+        service.tokenize(prompt),
+        body.max_tokens,
+        do_sample=not greedy and body.temperature is not None,
+        temperature=None if greedy else body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop_sequences(),
+    )
+
+
+async def run_to_end(
+    service: TextGenerationService, request: ValidRequest
+) -> tuple[GeneratedToken, int]:
+    """(last token, number of tokens) of one request."""
+    num_generated = 0
+    async for token in service.generate(request):
+        num_generated += 1
+        last = token
+    return last, num_generated
+
+
+async def completion_events(
+    service: TextGenerationService, requests: list[ValidRequest], envelope: dict
+) -> AsyncIterator[str]:
+    """One text_completion chunk per token, prompts interleaved as they decode, then [DONE]."""
+    merged: asyncio.Queue = asyncio.Queue()  # (index, GeneratedToken | RequestError | None)
+
+    async def pump(index: int, request: ValidRequest) -> None:
+        try:
+            async for token in service.generate(request):
+                await merged.put((index, token))
+        except RequestError as error:
+            await merged.put((index, error))
+        finally:
+            service.release()
+            await merged.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        num_running = len(tasks)
+        while num_running:
+            index, item = await merged.get()
+            if item is None:
+                num_running -= 1
+            elif isinstance(item, RequestError):
+                yield sse_event(item.to_dict())
+            else:
+                finish_reason = item.finish_reason and OPENAI_FINISH_REASON[item.finish_reason]
+                choice = {
+                    "index": index,
+                    "text": "" if item.special else item.text,
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+                yield sse_event({**envelope, "choices": [choice]})
+        yield sse_event("[DONE]")
+    finally:
+        for task in tasks:  # the client went away: stop every prompt's generation
+            task.cancel()
