@@ -24,7 +24,17 @@ def serve(args: argparse.Namespace) -> int:
     os.execv(serve_bin, [str(serve_bin), "run", args.config])
 
 
+def bench(argv: list[str]) -> int:
+    from benchmarks.loadgen import main as loadgen_main  # the client side only: no torch
+
+    return loadgen_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # all its flags belong to the load generator's own parser
+        return bench(argv[1:])
+
     parser = argparse.ArgumentParser(prog="ray-tgi", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -37,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("serve", help="run the app (serve run CONFIG)")
     p.add_argument("config", nargs="?", default="serve_config.yaml")
     p.set_defaults(run=serve)
+
+    commands.add_parser("bench", help="load generator: ray-tgi bench --help")
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -1,0 +1,125 @@
+"""Side by side (b): through Ray Serve (proxy → ingress → TGIServer) vs straight to the engine.
+
+One `serve run serve_config.yaml` (the user's app, as a subprocess); both sides hit the same
+engine process: through http://127.0.0.1:8000, or directly on the port its TGIServer
+replica started it on. Blocks of requests alternate between the sides, so drift (thermal,
+caches) falls on both. Two measurements:
+  - TTFT p50 added by Serve at concurrency 1 (short prompts and outputs);
+  - output tok/s kept through Serve at concurrency 32.
+Writes results/serve_vs_direct_c1.json and _c32.json (+ .png).
+
+    python -m benchmarks.serve_vs_direct
+"""
+
+import argparse
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from benchmarks.common import write_report
+from benchmarks.loadgen import Target, load_tokenizer, run_load
+from benchmarks.workload import LengthDist, make_requests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVE_URL = "http://127.0.0.1:8000"
+
+
+def start_serve_run() -> subprocess.Popen:
+    serve = Path(sys.executable).with_name("serve")
+    return subprocess.Popen(
+        [str(serve), "run", "serve_config.yaml"], cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def wait_for_engine(serve_run: subprocess.Popen, timeout_s: float = 300) -> str:
+    """Wait until the app answers; return the engine's direct URL (from its --port flag)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if serve_run.poll() is not None:
+            raise RuntimeError(f"serve run exited with {serve_run.returncode}")
+        try:
+            if httpx.get(f"{SERVE_URL}/health", timeout=5).status_code == 200:
+                for proc in psutil.Process(serve_run.pid).children(recursive=True):
+                    cmdline = " ".join(proc.cmdline())
+                    if " -m engine " in cmdline:
+                        port = re.search(r"--port (\d+)", cmdline).group(1)
+                        return f"http://127.0.0.1:{port}"
+        except (httpx.HTTPError, psutil.Error):
+            pass
+        time.sleep(1)
+    raise TimeoutError("the app did not get healthy")
+
+
+def alternate(targets: dict, requests, concurrency: int, num_rounds: int) -> dict:
+    """Each round sends one block of requests to each side in turn; merge per side."""
+    sides = {name: ([], 0.0) for name in targets}
+    block = len(requests) // num_rounds
+    for r in range(num_rounds):
+        for name, target in targets.items():
+            chunk = requests[r * block : (r + 1) * block]
+            results, wall = asyncio.run(run_load(target, chunk, concurrency, progress=False))
+            offset = sides[name][1]  # one clock per side: blocks laid end to end
+            for result in results:
+                result.start += offset
+                result.token_times = [t + offset for t in result.token_times]
+                result.end += offset
+            sides[name] = (sides[name][0] + results, sides[name][1] + wall)
+    return sides
+
+
+def serve_costs(summaries: dict) -> dict[str, float]:
+    serve, direct = summaries["serve"], summaries["direct"]
+    return {
+        "ttft_p50_added_ms": serve["ttft_ms"]["p50"] - direct["ttft_ms"]["p50"],
+        "output_tok_s_kept": serve["output_tok_s"] / direct["output_tok_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-requests-c1", type=int, default=64)
+    p.add_argument("--num-requests-c32", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    command = "python -m benchmarks.serve_vs_direct " + " ".join(argv or sys.argv[1:])
+
+    tokenizer = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+    serve_run = start_serve_run()
+    try:
+        direct_url = wait_for_engine(serve_run)
+        targets = {"direct": Target(direct_url, "tgi"), "serve": Target(SERVE_URL, "tgi")}
+        for concurrency, num_requests, input_len, output_len in (
+            (1, args.num_requests_c1, "uniform:32:128", "fixed:16"),
+            (32, args.num_requests_c32, "chat:96:512", "fixed:64"),
+        ):
+            requests = make_requests(tokenizer, num_requests, LengthDist.parse(input_len),
+                                     LengthDist.parse(output_len), args.seed)  # fmt: skip
+            alternate(targets, requests[:8], concurrency, 1)  # warm-up, not reported
+            sides = alternate(targets, requests, concurrency, args.rounds)
+            workload = {"concurrency": concurrency, "num_requests": num_requests,
+                        "input_len": input_len, "output_len": output_len, "seed": args.seed,
+                        "rounds": args.rounds}  # fmt: skip
+            write_report(
+                f"serve_vs_direct_c{concurrency}", command, sides, {"workload": workload},
+                ratios=serve_costs,
+            )  # fmt: skip
+    finally:
+        serve_run.send_signal(signal.SIGINT)
+        try:
+            serve_run.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            serve_run.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
