@@ -48,9 +48,14 @@ class RotaryEmbedding(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        scaling = self.config.rope_scaling or {}
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, self.cos.device)
+        params = rope_parameters(self.config)
+        if params["rope_type"] == "default":
+            head_dim = self.cos.shape[-1]
+            exponents = torch.arange(0, head_dim, 2, device=self.cos.device).float() / head_dim
+            inv_freq, attention_scaling = 1.0 / (params["rope_theta"] ** exponents), 1.0
+        else:  # scaled variants (llama3, yarn, linear, ...): transformers' own formulas
+            init = ROPE_INIT_FUNCTIONS[params["rope_type"]]
+            inv_freq, attention_scaling = init(self.config, self.cos.device)
         positions = torch.arange(self.max_positions, device=self.cos.device, dtype=torch.float)
         freqs = torch.outer(positions, inv_freq.float())  # [max_positions, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
@@ -59,6 +64,17 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions][:, None], self.sin[positions][:, None]  # [num_tokens, 1, d]
+
+
+def rope_parameters(config: LlamaConfig) -> dict:
+    """rope_type, rope_theta and scaling keys, from a transformers 4 config (rope_theta +
+    rope_scaling) or a transformers 5 one (rope_parameters)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", config.rope_theta)
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
