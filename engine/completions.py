@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.errors import RequestError, ValidationError
-from engine.openai_common import OPENAI_FINISH_REASON, usage
+from engine.openai_common import OPENAI_FINISH_REASON, usage, validate_openai
 from engine.schemas import CompletionRequest
 from engine.service import GeneratedToken, TextGenerationService, ValidRequest
 from engine.sse import sse_event, sse_response
@@ -28,7 +28,7 @@ def register(app: FastAPI, service: TextGenerationService, envelope_base: dict) 
                 f"Number of prompts must be between 1 and {service.limits.max_client_batch_size}"
                 f" (--max-client-batch-size), got {len(prompts)}"
             )
-        requests = [validate_completion(service, body, prompt) for prompt in prompts]
+        requests = [validate_openai(service, body, service.tokenize(p)) for p in prompts]
         service.admit(len(requests))
         envelope = {
             **envelope_base,
@@ -53,24 +53,6 @@ def register(app: FastAPI, service: TextGenerationService, envelope_base: dict) 
         return JSONResponse(
             {**envelope, "choices": choices, "usage": usage(num_prompt, num_generated)}
         )
-
-
-def validate_completion(
-    service: TextGenerationService, body: CompletionRequest, prompt: str
-) -> ValidRequest:
-    unsupported = body.unsupported_fields()
-    if unsupported:
-        raise ValidationError(f"`{unsupported[0]}` is not supported by the embedded engine yet")
-    greedy = body.temperature == 0  # OpenAI's temperature 0 means greedy
-    return service.validate(
-        service.tokenize(prompt),
-        body.max_tokens,
-        do_sample=not greedy and body.temperature is not None,
-        temperature=None if greedy else body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop_sequences(),
-    )
 
 
 async def run_to_end(

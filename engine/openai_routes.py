@@ -9,7 +9,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine import completions
 from engine.errors import RequestError, ValidationError
-from engine.openai_common import OPENAI_FINISH_REASON, SYSTEM_FINGERPRINT, usage
+from engine.openai_common import (
+    OPENAI_FINISH_REASON,
+    SYSTEM_FINGERPRINT,
+    usage,
+    validate_openai,
+)
 from engine.schemas import ChatRequest
 from engine.service import TextGenerationService, ValidRequest
 from engine.sse import sse_event, sse_response
@@ -63,9 +68,6 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
 
 
 def validate_chat(service: TextGenerationService, body: ChatRequest) -> ValidRequest:
-    unsupported = body.unsupported_fields()
-    if unsupported:
-        raise ValidationError(f"`{unsupported[0]}` is not supported by the embedded engine yet")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
         prompt = service.tokenizer.apply_chat_template(
@@ -73,17 +75,7 @@ def validate_chat(service: TextGenerationService, body: ChatRequest) -> ValidReq
         )
     except Exception as e:  # a template may raise on roles or orders it does not accept
         raise ValidationError(f"chat template error: {e}") from e
-    temperature = body.temperature
-    greedy = temperature == 0  # OpenAI's temperature 0 means greedy; TGI rejects it elsewhere
-    return service.validate(
-        service.tokenize(prompt),
-        body.max_tokens,
-        do_sample=not greedy and temperature is not None,
-        temperature=None if greedy else temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop_sequences(),
-    )
+    return validate_openai(service, body, service.tokenize(prompt))
 
 
 async def chat_chunks(

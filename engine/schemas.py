@@ -84,8 +84,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
+class OpenAIRequest(_Request):
+    """Sampling fields both OpenAI routes share."""
+
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -93,12 +94,21 @@ class ChatRequest(_Request):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0)
     stream: bool = False
+    frequency_penalty: float | None = None
+
+    def stop_sequences(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
+
+class ChatRequest(OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
     stream_options: StreamOptions | None = None
     n: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     response_format: dict | None = None
     tools: list | None = None
 
@@ -112,22 +122,11 @@ class ChatRequest(_Request):
         "tools": None,
     }
 
-    def stop_sequences(self) -> list[str]:
-        return stop_sequences(self.stop)
 
-
-class CompletionRequest(_Request):
+class CompletionRequest(OpenAIRequest):
     prompt: str | list[str]
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
-    stream: bool = False
     suffix: str | None = None
     repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
 
     neutral_values: ClassVar[dict[str, object]] = {
         "suffix": None,
@@ -137,12 +136,3 @@ class CompletionRequest(_Request):
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
-
-    def stop_sequences(self) -> list[str]:
-        return stop_sequences(self.stop)
-
-
-def stop_sequences(stop: str | list[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    return [stop] if isinstance(stop, str) else stop
