@@ -37,12 +37,14 @@ def register(app: FastAPI, service: TextGenerationService, envelope_base: dict) 
             "object": "text_completion",
         }
         if body.stream:
-            return sse_response(completion_events(service, requests, envelope))
+            return sse_response(
+                completion_events(service, requests, envelope),
+                on_close=lambda: service.release(len(requests)),
+            )
         try:
             results = await asyncio.gather(*(run_to_end(service, r) for r in requests))
         finally:
-            for _ in requests:
-                service.release()
+            service.release(len(requests))
         choices = [
             {"index": i, "text": last.generated_text, "logprobs": None,
              "finish_reason": OPENAI_FINISH_REASON[last.finish_reason]}
@@ -79,7 +81,6 @@ async def completion_events(
         except RequestError as error:
             await merged.put((index, error))
         finally:
-            service.release()
             await merged.put((index, None))
 
     tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]

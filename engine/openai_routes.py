@@ -42,7 +42,7 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
         }
         if body.stream:
             chunks = chat_chunks(service, body, request, envelope)
-            return sse_response(sse_event(chunk) async for chunk in chunks)
+            return sse_response(chunks, on_close=service.release)
         try:
             text, finish_reason, num_generated = "", None, 0
             async for token in service.generate(request):
@@ -80,7 +80,7 @@ def validate_chat(service: TextGenerationService, body: ChatRequest) -> ValidReq
 
 async def chat_chunks(
     service: TextGenerationService, body: ChatRequest, request: ValidRequest, envelope: dict
-) -> AsyncIterator[dict | str]:
+) -> AsyncIterator[str]:
     """chat.completion.chunk objects, then "[DONE]"; an error mid-stream is an error event."""
     base = {**envelope, "object": "chat.completion.chunk"}
     num_generated = 0
@@ -95,11 +95,10 @@ async def chat_chunks(
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
-            yield {**base, "choices": [choice], "usage": None}
+            yield sse_event({**base, "choices": [choice], "usage": None})
         if body.stream_options and body.stream_options.include_usage:
-            yield {**base, "choices": [], "usage": usage(len(request.prompt_ids), num_generated)}
-        yield "[DONE]"
+            num_prompt = len(request.prompt_ids)
+            yield sse_event({**base, "choices": [], "usage": usage(num_prompt, num_generated)})
+        yield sse_event("[DONE]")
     except RequestError as error:
-        yield error.to_dict()
-    finally:
-        service.release()
+        yield sse_event(error.to_dict())

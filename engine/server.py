@@ -84,7 +84,7 @@ async def generate_response(service: TextGenerationService, body: GenerateReques
 def start_stream(service: TextGenerationService, body: GenerateRequest) -> StreamingResponse:
     request = validate_generate(service, body)
     service.admit()
-    return sse_response(stream_events(service, body, request))
+    return sse_response(stream_events(service, body, request), on_close=service.release)
 
 
 def full_text(body: GenerateRequest, generated_text: str) -> str:
@@ -130,5 +130,3 @@ async def stream_events(
             yield sse_event(event)
     except RequestError as error:  # the response has started: report in the stream
         yield sse_event(error.to_dict())
-    finally:
-        service.release()

@@ -131,8 +131,8 @@ class TextGenerationService:
             raise OverloadedError()
         self.num_in_flight += num_requests
 
-    def release(self) -> None:
-        self.num_in_flight -= 1
+    def release(self, num_requests: int = 1) -> None:
+        self.num_in_flight -= num_requests
 
     async def generate(
         self, request: ValidRequest, timing: Timing | None = None

@@ -1,6 +1,10 @@
 """The engine process (`python -m engine`) over real HTTP, with TGI's and OpenAI's clients."""
 
 import asyncio
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -139,9 +143,22 @@ def test_past_max_concurrent_requests_gets_429(engine_url):
             stream.__exit__(None, None, None)
     assert overloaded.status_code == 429
     assert overloaded.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
-    # The disconnected streams released their slots: full concurrency is available again.
-    client = text_generation.Client(engine_url)
-    assert client.generate(CHAT_PROMPT, max_new_tokens=20).generated_text == PARIS
+    assert_slots_come_back(engine_url)
+
+
+def assert_slots_come_back(engine_url: str) -> None:
+    """Disconnected streams release their slots: soon, MAX_CONCURRENT requests run at once."""
+    deadline = time.monotonic() + 30
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 20}}
+    with httpx.Client(base_url=engine_url, timeout=60) as client:
+        while True:  # the engine notices each disconnect at its next write
+            with ThreadPoolExecutor(MAX_CONCURRENT) as pool:
+                codes = list(pool.map(lambda _: client.post("/generate", json=body).status_code,
+                                      range(MAX_CONCURRENT)))  # fmt: skip
+            if codes == [200] * MAX_CONCURRENT or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert codes == [200] * MAX_CONCURRENT
 
 
 def test_health_and_info(engine_url):
@@ -188,3 +205,20 @@ def test_openai_completions_single_list_and_stream(engine_url):
     )
     assert too_many.status_code == 422
     assert "--max-client-batch-size" in too_many.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/generate_stream", "/v1/chat/completions", "/v1/completions"])
+def test_streams_dropped_before_the_first_event_free_their_slots(engine_url, path):
+    bodies = {
+        "/generate_stream": {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 50}},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "stream": True},
+        "/v1/completions": {"prompt": "Once upon a time", "max_tokens": 50, "stream": True},
+    }
+    payload = json.dumps(bodies[path]).encode()
+    host, port = engine_url.removeprefix("http://").split(":")
+    for _ in range(3 * MAX_CONCURRENT):  # more than the slots: each must come back
+        with socket.create_connection((host, int(port))) as sock:
+            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        # closed without reading a byte
+    assert_slots_come_back(engine_url)
