@@ -55,6 +55,7 @@ def write_report(
     sides: dict[str, tuple],
     extra: dict,
     ratios: Callable[[dict], dict[str, float]],
+    results_dir: Path = RESULTS_DIR,
 ) -> dict:
     """Summarize each side's (results, wall_s), compute `ratios(summaries)`, write
     results/NAME.json and NAME.png; return the report."""
@@ -62,9 +63,9 @@ def write_report(
     report = {"name": name, "command": command, "machine": machine(), **extra,
               "ratios": {k: round(v, 4) for k, v in ratios(summaries).items()},
               "summaries": summaries}  # fmt: skip
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(report, indent=1))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
     plot_results({side: results for side, (results, _) in sides.items()},
-                 RESULTS_DIR / f"{name}.png")  # fmt: skip
+                 results_dir / f"{name}.png")  # fmt: skip
     print(json.dumps({"ratios": report["ratios"], "summaries": summaries}, indent=1))
     return report

@@ -15,8 +15,9 @@ import argparse
 import asyncio
 import sys
 import time
+from pathlib import Path
 
-from benchmarks.common import engine_process, write_report
+from benchmarks.common import RESULTS_DIR, engine_process, write_report
 from benchmarks.loadgen import RequestResult, Target, load_tokenizer, run_load
 from benchmarks.workload import BenchRequest, LengthDist, make_requests
 from engine.weights import DEFAULT_MODEL_ID, resolve_model_dir
@@ -30,8 +31,7 @@ def run_hf_static(model_dir, tokenizer, requests: list[BenchRequest], batch_size
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
-    tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    pad_id = min(eos_ids)  # masked out; any id will do
 
     class StepClock(LogitsProcessor):
         """Called once per decoding step, when that step's logits are ready."""
@@ -49,7 +49,7 @@ def run_hf_static(model_dir, tokenizer, requests: list[BenchRequest], batch_size
         for first in range(0, len(requests), batch_size):
             batch = requests[first : first + batch_size]
             ids = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in batch]
-            inputs = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+            inputs = left_pad(ids, pad_id)
             clock = StepClock(t0)
             start = time.perf_counter() - t0
             out = model.generate(
@@ -70,6 +70,16 @@ def run_hf_static(model_dir, tokenizer, requests: list[BenchRequest], batch_size
     return results, time.perf_counter() - t0
 
 
+def left_pad(ids: list[list[int]], pad_id: int) -> dict:
+    """input_ids and attention_mask [b, longest], padded on the left as generate wants."""
+    import torch
+
+    longest = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad_id] * (longest - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (longest - len(x)) + [1] * len(x) for x in ids])
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     for i, token in enumerate(tokens):
         if token in eos_ids:
@@ -85,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=LengthDist.parse, default=LengthDist.parse("chat:96:512"))
     p.add_argument("--output-len", type=LengthDist.parse, default=LengthDist.parse("chat:64:256"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
 
     model_dir = resolve_model_dir(args.model_id)
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_vs_hf", command, {"engine": engine, "hf_static": hf}, {"workload": workload},
         ratios=lambda s: {"output_tok_s": s["engine"]["output_tok_s"]
                           / s["hf_static"]["output_tok_s"]},
+        results_dir=args.results_dir,
     )  # fmt: skip
     return 0
 

@@ -46,6 +46,10 @@ class Target:
     url: str
     protocol: str  # "tgi": POST /generate_stream; "openai": POST /v1/completions, streaming
     model: str = "default"
+    # False: a new connection per request, for servers that close idle keep-alive connections
+    # while the client reuses them (llama-server does: "Server disconnected without sending
+    # a response").
+    keepalive: bool = True
 
     def request(self, req: BenchRequest) -> tuple[str, dict]:
         if self.protocol == "tgi":
@@ -102,7 +106,9 @@ async def run_load(
     """Run the workload closed-loop (`concurrency`) or open-loop (`rate`); (results, wall s)."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give exactly one of concurrency and rate")
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    limits = httpx.Limits(
+        max_connections=None, max_keepalive_connections=None if target.keepalive else 0
+    )
     bar = tqdm(total=len(requests), unit="req", disable=not progress, file=sys.stderr)
     results: list[RequestResult] = []
     async with httpx.AsyncClient(

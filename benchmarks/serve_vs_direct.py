@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from benchmarks.common import write_report
+from benchmarks.common import RESULTS_DIR, write_report
 from benchmarks.loadgen import Target, load_tokenizer, run_load
 from benchmarks.workload import LengthDist, make_requests
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-requests-c32", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     command = "python -m benchmarks.serve_vs_direct " + " ".join(argv or sys.argv[1:])
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rounds": args.rounds}  # fmt: skip
             write_report(
                 f"serve_vs_direct_c{concurrency}", command, sides, {"workload": workload},
-                ratios=serve_costs,
+                ratios=serve_costs, results_dir=args.results_dir,
             )  # fmt: skip
     finally:
         serve_run.send_signal(signal.SIGINT)

@@ -97,6 +97,15 @@ class ModelRunner:
         """Drop per-request state (the sampler's generator) once a request is done."""
         self.sampler.release(request_id)
 
+    def _slots(self, seq: Sequence) -> list[int]:
+        """Cache slots of all the sequence's tokens, in order (its blocks, the last one cut)."""
+        slots: list[int] = []
+        for block_id in seq.block_table:
+            start = block_id * self.block_size
+            slots.extend(range(start, start + self.block_size))
+        del slots[seq.num_tokens :]
+        return slots
+
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long).to(self.device, non_blocking=True)
 
@@ -110,14 +119,7 @@ class ModelRunner:
         for seq in seqs:
             input_ids.extend(seq.token_ids)
             positions.extend(range(seq.num_tokens))
-            for i, block_id in enumerate(seq.block_table):
-                start = block_id * self.block_size
-                is_last = i == len(seq.block_table) - 1
-                slot_mapping.extend(
-                    range(
-                        start, start + (seq.last_block_num_tokens if is_last else self.block_size)
-                    )
-                )
+            slot_mapping.extend(self._slots(seq))
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=self._tensor(slot_mapping),
@@ -131,9 +133,10 @@ class ModelRunner:
         """One token per sequence, the last one, whose K/V this step writes and reads back."""
         context_lens = [seq.num_tokens for seq in seqs]
         max_context_len = max(context_lens)
-        max_blocks = max(len(seq.block_table) for seq in seqs)
-        # Padding entries point at block 0; the context mask hides whatever they hold.
-        block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
+        context_slots = []  # the context's slots, padded to max_context_len with slot 0
+        for seq in seqs:
+            context_slots.extend(self._slots(seq))
+            context_slots.extend([0] * (max_context_len - seq.num_tokens))
         slot_mapping = [
             seq.block_table[-1] * self.block_size + seq.last_block_num_tokens - 1 for seq in seqs
         ]
@@ -145,9 +148,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             is_prefill=False,
             slot_mapping=self._tensor(slot_mapping),
-            block_tables=self._tensor(block_tables).view(len(seqs), max_blocks),
+            context_slots=self._tensor(context_slots),
             context_mask=context_mask,
-            max_context_len=max_context_len,
         )
         input_ids = self._tensor([seq.last_token_id for seq in seqs])
         return input_ids, self._tensor([n - 1 for n in context_lens]), meta
