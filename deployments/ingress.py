@@ -6,9 +6,8 @@ before a response starts, by the exception handlers below; inside a started stre
 `data:{"error":..,"error_type":..}` event.
 """
 
-import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.errors import TGIError, error_event, error_response
+from deployments.tgi_server import LauncherReply
 from serve_app.config import IngressOptions
 
 app = FastAPI(title="ray-tgi")
@@ -51,13 +51,15 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-def _tgi_event(item: dict[str, Any]) -> str:
-    return f"data:{json.dumps(item, separators=(',', ':'))}\n\n"
+def _reply(reply: LauncherReply) -> Response:
+    return Response(reply.body, media_type=reply.content_type, headers=reply.headers)
 
 
-async def _sse_response(
-    stream: DeploymentResponseGenerator, encode: Callable[[Any], str]
-) -> Response:
+# Routes that stream when the body says `"stream": true`.
+STREAMABLE = frozenset({"/", "/v1/chat/completions", "/v1/completions"})
+
+
+async def _sse_response(stream: DeploymentResponseGenerator) -> Response:
     """Wait for the first item, so that an error before it is an HTTP error status, then
     stream the rest as it arrives."""
     try:
@@ -68,18 +70,16 @@ async def _sse_response(
         stream.cancel()  # the client went away, or the call failed: stop the generation
         raise
     return StreamingResponse(
-        _sse_events(first, stream, encode), media_type="text/event-stream", headers=_SSE_HEADERS
+        _sse_events(first, stream), media_type="text/event-stream", headers=_SSE_HEADERS
     )
 
 
-async def _sse_events(
-    first: Any, stream: DeploymentResponseGenerator, encode: Callable[[Any], str]
-) -> AsyncIterator[str]:
+async def _sse_events(first: str, stream: DeploymentResponseGenerator) -> AsyncIterator[str]:
     finished = False
     try:
-        yield encode(first)
-        async for item in stream:
-            yield encode(item)
+        yield first
+        async for event in stream:
+            yield event
         finished = True
     except Exception as exc:
         finished = True
@@ -118,56 +118,58 @@ class Ingress:
             return self._models[model]
         return next(iter(self._models.values()))
 
-    # --- TGI routes -------------------------------------------------------------------
+    # --- routes forwarded to a launcher, unchanged -----------------------------------
 
     @app.post("/")
     async def compat_generate(self, request: Request) -> Response:
-        """TGI's compat route (the one `text_generation.Client` uses): `stream` picks
-        /generate_stream, else /generate with the answer in a one-element list."""
-        body = await _json_object(request)
-        if body.pop("stream", False):
-            return await self._generate_stream(body)
-        return JSONResponse([await self._server().generate.remote(body)])
+        """TGI's compat route (the one `text_generation.Client` uses)."""
+        return await self._forward("/", await _json_object(request))
 
     @app.post("/generate")
-    async def generate(self, request: Request) -> JSONResponse:
-        body = await _json_object(request)
-        return JSONResponse(await self._server().generate.remote(body))
+    async def generate(self, request: Request) -> Response:
+        return await self._forward("/generate", await _json_object(request))
 
     @app.post("/generate_stream")
     async def generate_stream(self, request: Request) -> Response:
-        return await self._generate_stream(await _json_object(request))
+        return await self._forward("/generate_stream", await _json_object(request))
 
-    async def _generate_stream(self, body: dict[str, Any]) -> Response:
-        stream = self._server().options(stream=True).generate_stream.remote(body)
-        return await _sse_response(stream, _tgi_event)
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await self._forward("/tokenize", await _json_object(request))
+
+    @app.post("/chat_tokenize")
+    async def chat_tokenize(self, request: Request) -> Response:
+        return await self._forward("/chat_tokenize", await _json_object(request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward("/v1/chat/completions", await _json_object(request))
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._forward("/v1/completions", await _json_object(request))
 
     @app.get("/info")
-    async def info(self) -> JSONResponse:
-        return JSONResponse(await self._server().info.remote())
+    async def info(self) -> Response:
+        return _reply(await self._server().call.remote("GET", "/info"))
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """The first model's engine metrics (scrape each engine for all of them)."""
+        return _reply(await self._server().call.remote("GET", "/metrics"))
+
+    async def _forward(self, path: str, body: dict[str, Any]) -> Response:
+        server = self._server(body.get("model"))
+        if path == "/generate_stream" or (path in STREAMABLE and body.get("stream")):
+            stream = server.options(stream=True).stream.remote(path, body)
+            return await _sse_response(stream)
+        return _reply(await server.call.remote("POST", path, body))
 
     @app.get("/health")
     async def health(self) -> Response:
         for server in self._models.values():
             await server.health.remote()  # raises a 503 TGIError when unhealthy
         return Response(status_code=200)
-
-    # --- OpenAI routes ----------------------------------------------------------------
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._openai("/v1/chat/completions", await _json_object(request))
-
-    @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        return await self._openai("/v1/completions", await _json_object(request))
-
-    async def _openai(self, path: str, body: dict[str, Any]) -> Response:
-        server = self._server(body.get("model"))
-        if body.get("stream"):
-            stream = server.options(stream=True).openai_stream.remote(path, body)
-            return await _sse_response(stream, lambda event: event)
-        return JSONResponse(await server.openai.remote(path, body))
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:

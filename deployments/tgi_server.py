@@ -10,7 +10,7 @@ import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -22,7 +22,19 @@ from serve_app.config import ModelConfig
 # TGI's default --max-concurrent-requests.
 _DEFAULT_MAX_CONCURRENT_REQUESTS = 128
 
-OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# What the ingress may forward to a launcher, by method.
+FORWARDED_ROUTES = {
+    "POST": frozenset({"/", "/generate", "/generate_stream", "/tokenize", "/chat_tokenize",
+                       "/v1/chat/completions", "/v1/completions"}),
+    "GET": frozenset({"/info", "/metrics"}),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LauncherReply:
+    body: bytes
+    content_type: str
+    headers: dict[str, str]  # TGI's x-* headers (x-compute-time, x-generated-tokens, ...)
 
 
 class TGIServer:
@@ -91,38 +103,34 @@ class TGIServer:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
         )
 
-    # --- TGI routes -------------------------------------------------------------------
+    # --- requests -------------------------------------------------------------------
 
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """POST /generate; returns the GenerateResponse."""
-        return await self._post_json("/generate", request)
-
-    async def generate_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """POST /generate_stream; yields each StreamResponse as it arrives."""
-        async with aclosing(self._stream_data("/generate_stream", request)) as events:
-            async for data in events:
-                payload = json.loads(data)
-                if "error" in payload and "token" not in payload:
-                    raise TGIError.from_payload(200, payload)  # an error inside the stream
-                yield payload
-
-    async def openai(self, path: str, request: dict[str, Any]) -> dict[str, Any]:
-        """POST an OpenAI route (`/v1/chat/completions`, `/v1/completions`) without
-        streaming; returns the completion object."""
-        return await self._post_json(_openai_path(path), request)
-
-    async def openai_stream(self, path: str, request: dict[str, Any]) -> AsyncIterator[str]:
-        """POST an OpenAI route with `stream: true`; yields each SSE event verbatim (the
-        engine's own `data: [DONE]` and error events included)."""
-        async with aclosing(self._stream_data(_openai_path(path), request)) as events:
-            async for data in events:
-                yield f"data: {data}\n\n"
-
-    async def info(self) -> dict[str, Any]:
-        """GET /info."""
-        response = await self._client.get("/info")
+    async def call(
+        self, method: str, path: str, request: dict[str, Any] | None = None
+    ) -> LauncherReply:
+        """One request to a forwardable route; the reply as the launcher gave it (body,
+        content type, TGI's x-* headers). Non-200 answers raise TGIError."""
+        _check_route(method, path)
+        response = await self._client.request(method, path, json=request)
         _raise_for_error(response.status_code, response.content)
-        return response.json()
+        return LauncherReply(
+            response.content, response.headers.get("content-type", ""), _tgi_headers(response)
+        )
+
+    async def stream(self, path: str, request: dict[str, Any]) -> AsyncIterator[str]:
+        """POST a streaming route; yields each SSE event verbatim, as TGI framed it (its
+        error events and the OpenAI routes' `data: [DONE]` included).
+
+        Leaving this generator early (the caller is cancelled, or closes it) exits the
+        `async with`, which closes the connection, which is how the engine learns to stop.
+        """
+        _check_route("POST", path)
+        async with self._client.stream("POST", path, json=request) as response:
+            if response.status_code != 200:
+                _raise_for_error(response.status_code, await response.aread())
+            async for line in response.aiter_lines():
+                if line:  # events and keep-alive comments; blank lines only separate them
+                    yield f"{line}\n\n"
 
     # --- health and lifecycle ---------------------------------------------------------
 
@@ -147,31 +155,14 @@ class TGIServer:
         if launcher is not None:
             launcher.stop()
 
-    # --- transport ----------------------------------------------------------------------
 
-    async def _post_json(self, path: str, request: dict[str, Any]) -> dict[str, Any]:
-        response = await self._client.post(path, json=request)
-        _raise_for_error(response.status_code, response.content)
-        return response.json()
-
-    async def _stream_data(self, path: str, request: dict[str, Any]) -> AsyncIterator[str]:
-        """The `data:` payloads of an SSE response, one per event.
-
-        Leaving this generator early (the caller is cancelled, or closes it) exits the
-        `async with`, which closes the connection, which is how the engine learns to stop.
-        """
-        async with self._client.stream("POST", path, json=request) as response:
-            if response.status_code != 200:
-                _raise_for_error(response.status_code, await response.aread())
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    yield line[len("data:") :].strip()
+def _check_route(method: str, path: str) -> None:
+    if path not in FORWARDED_ROUTES.get(method, ()):
+        raise TGIError(f"{method} {path} is not forwarded to the launcher", 404, "not_found")
 
 
-def _openai_path(path: str) -> str:
-    if path not in OPENAI_PATHS:
-        raise ValueError(f"not an OpenAI route: {path!r}")
-    return path
+def _tgi_headers(response: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k.lower().startswith("x-")}
 
 
 def _raise_for_error(status_code: int, body: bytes) -> None:

@@ -61,8 +61,10 @@ def build(args):
     from engine.async_engine import AsyncEngine
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
+    from engine.metrics import EngineMetrics
     from engine.server import create_app
-    from engine.service import Limits, TextGenerationService
+    from engine.service import TextGenerationService
+    from engine.validation import Limits
 
     model_dir = resolve_model_dir(args.model_id, args.revision, args.huggingface_hub_cache)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -79,16 +81,23 @@ def build(args):
     )
     log.info("model %s loaded from %s; max batch total tokens %d", args.model_id, model_dir,
              args.max_batch_total_tokens)  # fmt: skip
-    async_engine = AsyncEngine(engine)
     limits = Limits(
         max_concurrent_requests=args.max_concurrent_requests,
         max_input_tokens=args.max_input_tokens,
         max_total_tokens=args.max_total_tokens,
         max_stop_sequences=args.max_stop_sequences,
         max_client_batch_size=args.max_client_batch_size,
+        max_best_of=args.max_best_of,
+        max_top_n_tokens=args.max_top_n_tokens,
     )
-    service = TextGenerationService(async_engine, tokenizer, eos_token_ids(model_dir), limits)
-    return create_app(service, info_dict(args)), async_engine
+    metrics = EngineMetrics(
+        args.max_input_tokens, args.max_total_tokens, args.max_batch_total_tokens
+    )
+    async_engine = AsyncEngine(engine, metrics)
+    service = TextGenerationService(
+        async_engine, tokenizer, eos_token_ids(model_dir), limits, metrics
+    )
+    return create_app(service, info_dict(args), args), async_engine
 
 
 def eos_token_ids(model_dir) -> frozenset[int]:

@@ -58,8 +58,14 @@ FLAGS = [
     Flag("cuda-memory-fraction", float, 1.0, "", implemented=False),
     Flag("json-output", bool, False, "Log as JSON lines"),
     Flag("otlp-endpoint", str, None, "", implemented=False),
-    Flag("api-key", str, None, "", implemented=False),
-    Flag("payload-limit", int, 2_000_000, "", implemented=False),
+    Flag("api-key", str, None, "Bearer token the generation routes require (401 without)"),
+    Flag("payload-limit", int, 2_000_000, "Largest request body in bytes (413 above)"),
+    Flag(
+        "cors-allow-origin",
+        lambda v: [o for o in v.split(",") if o],
+        None,
+        "Origins allowed by CORS, comma-separated",
+    ),  # fmt: skip
 ]
 
 # Defaults TGI derives from the model when a limit is not given.

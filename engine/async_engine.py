@@ -9,11 +9,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.llm_engine import EngineStats, LLMEngine
+from engine.metrics import EngineMetrics
 from engine.protocol import SamplingParams, TokenStep
 
 log = logging.getLogger(__name__)
@@ -26,15 +28,16 @@ class EngineDeadError(RuntimeError):
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue  # of TokenStep | BaseException
+    queue: asyncio.Queue  # of (TokenStep, step start) | BaseException
 
-    def put(self, item: TokenStep | BaseException) -> None:
+    def put(self, item: tuple[TokenStep, float] | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, metrics: EngineMetrics | None = None):
         self.engine = engine
+        self.metrics = metrics
         self.stats: EngineStats = engine.stats()  # refreshed by the loop thread after each step
         self.error: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -50,8 +53,9 @@ class AsyncEngine:
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[TokenStep]:
-        """Yield the request's tokens as they are generated; closing early aborts the request."""
+    ) -> AsyncIterator[tuple[TokenStep, float]]:
+        """Yield (token, monotonic start of the engine step that made it) as they come;
+        closing early aborts the request."""
         if not self.is_alive:
             raise EngineDeadError(f"engine loop stopped: {self.error!r}")
         request_id = uuid.uuid4().hex
@@ -65,7 +69,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True  # the engine already dropped the request
                     raise item
-                finished = item.finish_reason is not None
+                finished = item[0].finish_reason is not None
                 yield item
         finally:
             del self._streams[request_id]
@@ -92,11 +96,19 @@ class AsyncEngine:
             except ValueError as e:
                 self._deliver(request_id, e)
 
-    def _deliver(self, request_id: str, item: TokenStep | BaseException) -> None:
+    def _deliver(self, request_id: str, item: tuple[TokenStep, float] | BaseException) -> None:
         stream = self._streams.get(request_id)
         if stream is None:  # the caller went away; its abort is already queued
             return
         stream.put(item)
+
+    def _observe_step(self, seconds: float) -> None:
+        if self.metrics is None:
+            return
+        method = "prefill" if self.engine.last_step_was_prefill else "decode"
+        self.metrics.batch_inference_count.labels(method=method).inc()
+        self.metrics.batch_inference_success.labels(method=method).inc()
+        self.metrics.batch_inference_duration.labels(method=method).observe(seconds)
 
     def _run(self) -> None:
         try:
@@ -107,8 +119,11 @@ class AsyncEngine:
                     self.stats = self.engine.stats()
                     self._wakeup.wait()
                     continue
-                for step in self.engine.step():
-                    self._deliver(step.request_id, step)
+                started = time.monotonic()
+                steps = self.engine.step()
+                self._observe_step(time.monotonic() - started)
+                for step in steps:
+                    self._deliver(step.request_id, (step, started))
                 self.stats = self.engine.stats()
         except BaseException as e:  # noqa: BLE001 - any failure kills the engine; report it
             log.exception("engine loop failed")

@@ -28,7 +28,10 @@ def register(app: FastAPI, service: TextGenerationService, envelope_base: dict) 
                 f"Number of prompts must be between 1 and {service.limits.max_client_batch_size}"
                 f" (--max-client-batch-size), got {len(prompts)}"
             )
-        requests = [validate_openai(service, body, service.tokenize(p)) for p in prompts]
+        requests = [
+            validate_openai(service, body, service.tokenize(p, add_special_tokens=True))
+            for p in prompts
+        ]
         service.admit(len(requests))
         envelope = {
             **envelope_base,

@@ -22,6 +22,7 @@ class EngineStats:
     num_waiting: int
     num_running: int
     num_batch_tokens: int  # tokens held by running sequences
+    num_batch_max_tokens: int  # tokens they may grow to (prompt + max_new_tokens each)
     num_free_blocks: int
     num_total_blocks: int
     max_batch_total_tokens: int
@@ -35,6 +36,7 @@ class LLMEngine:
         self.model_config: PretrainedConfig = AutoConfig.from_pretrained(config.model_dir)
         self.scheduler = Scheduler(config)
         self.model_runner = ModelRunner(config, self.model_config)
+        self.last_step_was_prefill = False
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request. ValueError if the id is in use or it can never fit the KV cache."""
@@ -53,13 +55,23 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        token_ids, logprobs = self.model_runner.run(seqs, is_prefill)
-        self.scheduler.postprocess(seqs, token_ids)
+        self.last_step_was_prefill = is_prefill  # for metrics: TGI's {method} label
+        out = self.model_runner.run(seqs, is_prefill)
+        self.scheduler.postprocess(seqs, out.token_ids)
         steps = []
-        for seq, token_id, logprob in zip(seqs, token_ids, logprobs, strict=True):
+        for i, seq in enumerate(seqs):
             if seq.is_finished:
                 self.model_runner.release(seq.request_id)
-            steps.append(TokenStep(seq.request_id, token_id, logprob, seq.finish_reason))
+            steps.append(
+                TokenStep(
+                    seq.request_id,
+                    out.token_ids[i],
+                    out.logprobs[i],
+                    seq.finish_reason,
+                    top_tokens=out.top_tokens[i],
+                    prefill_logprobs=out.prefill_logprobs[i],
+                )
+            )
         return steps
 
     def stats(self) -> EngineStats:
@@ -68,6 +80,7 @@ class LLMEngine:
             num_waiting=len(scheduler.waiting),
             num_running=len(scheduler.running),
             num_batch_tokens=sum(seq.num_tokens for seq in scheduler.running),
+            num_batch_max_tokens=sum(seq.max_num_tokens for seq in scheduler.running),
             num_free_blocks=scheduler.block_manager.num_free_blocks,
             num_total_blocks=scheduler.block_manager.num_total_blocks,
             max_batch_total_tokens=self.config.max_batch_total_tokens,

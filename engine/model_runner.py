@@ -2,12 +2,14 @@
 
 It loads the model, owns the paged KV cache tensors, turns a scheduled batch of sequences into
 flat input tensors plus `AttentionMetadata` (prepare_prefill / prepare_decode), runs one
-forward pass for the whole batch and samples one token per sequence.
+forward pass for the whole batch and samples one token per sequence (plus, on prefill, prompt
+logprobs for the sequences that ask).
 """
 
 import glob
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -16,11 +18,15 @@ from transformers import PretrainedConfig
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig
 from engine.models.llama import KVCache, LlamaForCausalLM
-from engine.sampling import Sampler
+from engine.sampling import Sampler, TopTokens
 from engine.sequence import Sequence
 
 # config.json "architectures" entry -> model class
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {"LlamaForCausalLM": LlamaForCausalLM}
+
+# Prompt positions whose logits are computed at once for prefill logprobs: bounds that step's
+# extra memory to PREFILL_LOGITS_CHUNK * vocab floats.
+PREFILL_LOGITS_CHUNK = 1024
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +72,16 @@ def load_model(
     model.rotary_emb.reset_parameters()  # buffers are recomputed, not loaded
     model.load_weights(iter_safetensors(model_dir))
     return model.eval()
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What one step produced, one entry per scheduled sequence, in order."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # of token_ids under the processed distribution
+    top_tokens: list[TopTokens]
+    prefill_logprobs: list[tuple[float | None, ...] | None]  # set where needs_prefill_logprobs
 
 
 class ModelRunner:
@@ -154,18 +170,61 @@ class ModelRunner:
         input_ids = self._tensor([seq.last_token_id for seq in seqs])
         return input_ids, self._tensor([n - 1 for n in context_lens]), meta
 
+    def _prefill_logprobs(
+        self,
+        hidden: torch.Tensor,  # [n, hidden] the packed prefill batch
+        seqs: list[Sequence],
+    ) -> list[tuple[float | None, ...] | None]:
+        """Per sequence that asks, each prompt token's logprob given the tokens before it.
+
+        Raw model distribution (no processors), as TGI's prefill tokens. Only the asking
+        sequences' positions get logits.
+        """
+        rows: list[int] = []  # positions whose logits predict a prompt token
+        targets: list[int] = []  # the token each of those positions predicts
+        start = 0
+        for seq in seqs:
+            if seq.needs_prefill_logprobs:
+                rows.extend(range(start, start + seq.num_tokens - 1))
+                targets.extend(seq.token_ids[1:])
+            start += seq.num_tokens
+        if not rows:
+            return [None] * len(seqs)
+        logprobs: list[float] = []  # [r]
+        for chunk in range(0, len(rows), PREFILL_LOGITS_CHUNK):  # bounds the [r, vocab] logits
+            chunk_rows = self._tensor(rows[chunk : chunk + PREFILL_LOGITS_CHUNK])
+            chunk_targets = self._tensor(targets[chunk : chunk + PREFILL_LOGITS_CHUNK])
+            logits = self.model.compute_logits(hidden[chunk_rows]).float()  # [c, vocab]
+            chosen = logits.gather(1, chunk_targets[:, None])[:, 0]  # [c]
+            logprobs.extend((chosen - logits.logsumexp(dim=-1)).tolist())
+        out: list[tuple[float | None, ...] | None] = []
+        offset = 0
+        for seq in seqs:
+            if seq.needs_prefill_logprobs:
+                end = offset + seq.num_tokens - 1
+                out.append((None, *logprobs[offset:end]))
+                offset = end
+            else:
+                out.append(None)
+        return out
+
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
-        """Forward the batch and sample: (next token id, its logprob) per sequence."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> RunOutput:
+        """Forward the batch and sample one token per sequence."""
         prepare = self.prepare_prefill if is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(seqs)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [n, hidden]
+        prefill_logprobs: list[tuple[float | None, ...] | None] = [None] * len(seqs)
         if is_prefill:
             assert meta.seq_lens is not None
+            prefill_logprobs = self._prefill_logprobs(hidden, seqs)
             last = torch.tensor(meta.seq_lens).cumsum(0) - 1
             hidden = hidden[last.to(self.device)]  # [b, hidden]
         logits = self.model.compute_logits(hidden)  # [b, vocab]
-        token_ids, logprobs = self.sampler(
-            logits, [seq.request_id for seq in seqs], [seq.params for seq in seqs]
+        sampled = self.sampler(logits, seqs)
+        return RunOutput(
+            token_ids=sampled.token_ids.tolist(),
+            logprobs=sampled.logprobs.tolist(),
+            top_tokens=sampled.top_tokens,
+            prefill_logprobs=prefill_logprobs,
         )
-        return token_ids.tolist(), logprobs.tolist()

@@ -1,7 +1,8 @@
 """Pieces shared by the OpenAI-compatible routes (chat and legacy completions)."""
 
 from engine.errors import ValidationError
-from engine.schemas import OpenAIRequest
+from engine.protocol import PRESENCE_TO_REPETITION_OFFSET
+from engine.schemas import GenerateParameters, OpenAIRequest
 from engine.service import TextGenerationService, ValidRequest
 
 SYSTEM_FINGERPRINT = "3.3.6-ray-tgi"
@@ -21,17 +22,28 @@ def usage(num_prompt: int, num_generated: int) -> dict:
 def validate_openai(
     service: TextGenerationService, body: OpenAIRequest, prompt_ids: list[int]
 ) -> ValidRequest:
-    """TGI's validation of an OpenAI request whose prompt is already tokenized."""
+    """An OpenAI request mapped onto TGI's parameters the way TGI maps it, then TGI's rules.
+
+    temperature 0 means greedy, any other (or none) samples; presence_penalty becomes a
+    repetition penalty of presence_penalty + 2 (TGI's mapping, see engine/protocol.py)."""
     unsupported = body.unsupported_fields()
     if unsupported:
         raise ValidationError(f"`{unsupported[0]}` is not supported by the embedded engine yet")
-    greedy = body.temperature == 0  # OpenAI's temperature 0 means greedy; TGI rejects it elsewhere
-    return service.validate(
-        prompt_ids,
-        body.max_tokens,
-        do_sample=not greedy and body.temperature is not None,
+    greedy = body.temperature == 0
+    wants_logprobs = bool(getattr(body, "logprobs", False))
+    parameters = GenerateParameters(
+        do_sample=not greedy,
         temperature=None if greedy else body.temperature,
+        max_new_tokens=body.max_tokens,
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop_sequences(),
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=getattr(body, "repetition_penalty", None),
+        top_n_tokens=getattr(body, "top_logprobs", None) if wants_logprobs else None,
     )
+    presence = getattr(body, "presence_penalty", None)
+    if presence is not None and presence + PRESENCE_TO_REPETITION_OFFSET <= 0:
+        # What TGI answers, as it sends presence_penalty + 2 on as the repetition penalty.
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    return service.validate(prompt_ids, parameters, presence_penalty=presence)

@@ -16,7 +16,7 @@ from engine.openai_common import (
     validate_openai,
 )
 from engine.schemas import ChatRequest
-from engine.service import TextGenerationService, ValidRequest
+from engine.service import GeneratedToken, TextGenerationService, ValidRequest
 from engine.sse import sse_event, sse_response
 
 
@@ -29,6 +29,13 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
     completions.register(
         app, service, {"model": model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
     )
+
+    @app.post("/chat_tokenize")
+    async def chat_tokenize(body: ChatRequest) -> dict:
+        """The chat template applied to the messages, and its tokens."""
+        text = apply_chat_template(service, body)
+        tokens = service.simple_tokens(text, add_special_tokens=False)
+        return {"tokenize_response": tokens, "templated_text": text}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> JSONResponse | StreamingResponse:
@@ -44,38 +51,48 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
             chunks = chat_chunks(service, body, request, envelope)
             return sse_response(chunks, on_close=service.release)
         try:
-            text, finish_reason, num_generated = "", None, 0
-            async for token in service.generate(request):
-                num_generated += 1
-                if token.finish_reason:
-                    text, finish_reason = token.generated_text, token.finish_reason
+            tokens = [token async for token in service.generate(request)]
         finally:
             service.release()
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": OPENAI_FINISH_REASON[finish_reason],
+            "message": {"role": "assistant", "content": tokens[-1].generated_text},
+            "logprobs": chat_logprobs(tokens) if body.logprobs else None,
+            "finish_reason": OPENAI_FINISH_REASON[tokens[-1].finish_reason],
         }
         return JSONResponse(
             {
                 **envelope,
                 "object": "chat.completion",
                 "choices": [choice],
-                "usage": usage(len(request.prompt_ids), num_generated),
+                "usage": usage(len(request.prompt_ids), len(tokens)),
             }
         )
 
 
-def validate_chat(service: TextGenerationService, body: ChatRequest) -> ValidRequest:
+def chat_logprobs(tokens: list[GeneratedToken]) -> dict:
+    """OpenAI's logprobs object: each token's text and logprob, with its top alternatives."""
+    content = [
+        {"token": t.text, "logprob": t.logprob,
+         "top_logprobs": [{"token": x["text"], "logprob": x["logprob"]} for x in t.top_tokens]}
+        for t in tokens
+    ]  # fmt: skip
+    return {"content": content}
+
+
+def apply_chat_template(service: TextGenerationService, body: ChatRequest) -> str:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
-        prompt = service.tokenizer.apply_chat_template(
+        return service.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
     except Exception as e:  # a template may raise on roles or orders it does not accept
         raise ValidationError(f"chat template error: {e}") from e
-    return validate_openai(service, body, service.tokenize(prompt))
+
+
+def validate_chat(service: TextGenerationService, body: ChatRequest) -> ValidRequest:
+    prompt = apply_chat_template(service, body)
+    return validate_openai(service, body, service.tokenize(prompt, add_special_tokens=False))
 
 
 async def chat_chunks(
@@ -92,7 +109,7 @@ async def chat_chunks(
             choice = {
                 "index": 0,
                 "delta": {"role": "assistant", "content": content},
-                "logprobs": None,
+                "logprobs": chat_logprobs([token]) if body.logprobs else None,
                 "finish_reason": finish_reason,
             }
             yield sse_event({**base, "choices": [choice], "usage": None})

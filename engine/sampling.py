@@ -1,14 +1,28 @@
-"""Next-token selection for a whole batch at once: greedy, temperature, top-k, top-p, seeds.
+"""Next-token selection for a whole batch at once, with TGI's logprobs and top tokens.
 
-Greedy rows take the argmax. Sampling rows are warped in sorted order (temperature, then
-top-k, then top-p, as transformers and TGI do) and drawn by inverse CDF with one uniform number
-per row, taken from the request's own `torch.Generator` when it has a seed, so a seeded
-request draws the same numbers whatever else shares its batch.
+Logits first go through the processors and warpers (engine/logits_processors.py). Greedy rows
+then take the argmax; sampling rows draw by inverse CDF with one uniform number per row, taken
+from the request's own `torch.Generator` when it has a seed, so a seeded request draws the same
+numbers whatever else shares its batch. Logprobs, of the chosen token and of the top tokens,
+are those of the processed distribution, as TGI reports them.
 """
+
+from dataclasses import dataclass
 
 import torch
 
+from engine.logits_processors import process_logits
 from engine.protocol import SamplingParams
+from engine.sequence import Sequence
+
+TopTokens = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [b] int64
+    logprobs: torch.Tensor  # [b] float32, of token_ids under the processed distribution
+    top_tokens: list[TopTokens]  # [b]; () for rows with top_n_tokens == 0
 
 
 class Sampler:
@@ -36,53 +50,70 @@ class Sampler:
     def __call__(
         self,
         logits: torch.Tensor,  # [b, vocab]
-        request_ids: list[str],
-        params: list[SamplingParams],
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # token ids [b] int64, logprobs [b] float32
-        logits = logits.float()
-        sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if sample_rows:
-            temperatures = [(p.temperature or 1.0) for p in params]
-            logits = logits / torch.tensor(temperatures, device=logits.device)[:, None]
-        token_ids = logits.argmax(dim=-1)  # [b]
+        seqs: list[Sequence],  # the rows' requests: parameters and token ids so far
+    ) -> SamplerOutput:
+        scores = process_logits(logits, seqs)  # [b, vocab] float32
+        logprobs = torch.log_softmax(scores, dim=-1)  # [b, vocab]
+        token_ids = scores.argmax(dim=-1)  # [b]
+        sample_rows = [i for i, seq in enumerate(seqs) if not seq.params.is_greedy]
         if sample_rows:
             rows = torch.tensor(sample_rows, device=logits.device)
             uniforms = torch.stack(
                 [
-                    torch.rand((), generator=self._generator(request_ids[i], params[i]))
+                    torch.rand((), generator=self._generator(seqs[i].request_id, seqs[i].params))
                     for i in sample_rows
                 ]
             ).to(logits.device)  # [s]
-            top_ks = [params[i].top_k or 0 for i in sample_rows]
-            top_ps = [params[i].top_p or 1.0 for i in sample_rows]
-            sampled = sample_top_k_top_p(logits[rows], top_ks, top_ps, uniforms)
-            token_ids[rows] = sampled
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, token_ids[:, None])[:, 0]
-        return token_ids, logprobs
+            # softmax, not logprobs.exp(): exp of the masked -inf is slow on CPU.
+            token_ids[rows] = sample_inverse_cdf(scores[rows].softmax(dim=-1), uniforms)
+        return SamplerOutput(
+            token_ids=token_ids,
+            logprobs=logprobs.gather(1, token_ids[:, None])[:, 0],
+            top_tokens=top_n_tokens(logprobs, [seq.params.top_n_tokens for seq in seqs]),
+        )
 
 
-def sample_top_k_top_p(
-    logits: torch.Tensor,  # [s, vocab], temperature already applied
-    top_ks: list[int],  # 0: no top-k
-    top_ps: list[float],  # 1.0: no top-p
+def sample_inverse_cdf(
+    probs: torch.Tensor,  # [s, vocab], masked tokens exactly 0
     uniforms: torch.Tensor,  # [s] in [0, 1)
 ) -> torch.Tensor:  # [s] sampled token ids
-    """Draw one token per row from the top-k / top-p filtered softmax, by inverse CDF."""
-    s, vocab = logits.shape
-    device = logits.device
-    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)  # [s, vocab]
-    ranks = torch.arange(vocab, device=device)[None]  # [1, vocab]
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=device)
-    sorted_logits = sorted_logits.masked_fill(ranks >= ks[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)  # [s, vocab]
-    # Top-p keeps a token while the mass ranked strictly above it is below p (transformers'
-    # rule); the most likely token is always kept.
-    ps = torch.tensor(top_ps, device=device, dtype=probs.dtype)
-    mass_above = probs.cumsum(dim=-1) - probs
-    drop = (mass_above >= ps[:, None]) & (ranks > 0) & (ps[:, None] < 1.0)
-    probs = probs.masked_fill(drop, 0.0)
-    cdf = probs.cumsum(dim=-1)  # [s, vocab], unnormalised
-    # (1 - u) lies in (0, 1], so the draw never lands on a zero-probability token.
+    """Draw one token per row: the first whose cumulative probability reaches (1 - u) * total."""
+    cdf = probs.cumsum(dim=-1)  # [s, vocab], non-decreasing
+    # (1 - u) lies in (0, 1], so the target is above 0 and never lands on a zero-probability
+    # token (its cdf equals its predecessor's, which is already below the target).
     targets = (1.0 - uniforms.to(cdf.dtype))[:, None] * cdf[:, -1:]  # [s, 1]
-    picks = torch.searchsorted(cdf, targets).clamp_(max=vocab - 1)  # [s, 1] sorted positions
-    return sorted_ids.gather(1, picks)[:, 0]
+    picks = torch.searchsorted(cdf, targets).clamp_(max=probs.shape[-1] - 1)  # [s, 1]
+    return picks[:, 0]
+
+
+def top_n_tokens(
+    logprobs: torch.Tensor,  # [b, vocab]
+    top_ns: list[int],  # [b], 0: none
+) -> list[TopTokens]:  # [b]
+    """Each row's n most likely tokens as TGI's batch_top_tokens picks them.
+
+    Every token tied with the n-th logprob is included (so a row may get more than n), and
+    tokens the warpers masked (-inf) never are (so a row may get fewer). Ties are listed by id.
+    """
+    top_tokens: list[TopTokens] = [()] * len(top_ns)
+    rows = [i for i, n in enumerate(top_ns) if n > 0]
+    if not rows:
+        return top_tokens
+    row_logprobs = logprobs[torch.tensor(rows, device=logprobs.device)]  # [t, vocab]
+    ns = torch.tensor([top_ns[i] for i in rows], device=logprobs.device).clamp(
+        max=logprobs.shape[-1]
+    )  # [t]
+    top = row_logprobs.topk(int(ns.max()), dim=-1)  # sorted, [t, max_n]
+    nth = top.values.gather(1, ns[:, None] - 1)  # [t, 1]
+    nth = nth.clamp(min=torch.finfo(nth.dtype).min)  # -inf is never reported
+    counts = (row_logprobs >= nth).sum(dim=-1)  # [t]
+    if int(counts.max()) > top.values.shape[-1]:  # ties past the largest n
+        top = row_logprobs.topk(int(counts.max()), dim=-1)
+    # topk's order among equal values is unspecified; the first `count` entries of each row
+    # are exactly its tokens >= nth, which we then order deterministically.
+    for row, count, ids, values in zip(
+        rows, counts.tolist(), top.indices.tolist(), top.values.tolist(), strict=True
+    ):
+        pairs = zip(ids[:count], values[:count], strict=True)
+        top_tokens[row] = tuple(sorted(pairs, key=lambda pair: (-pair[1], pair[0])))
+    return top_tokens

@@ -1,7 +1,8 @@
 """Request bodies of the TGI and OpenAI routes (TGI 3.3 API, shared/anchors/tgi-openapi.json).
 
-Unknown fields are ignored, as TGI's serde does. Fields the embedded engine does not implement
-yet are accepted at their neutral value and rejected by name otherwise (`unsupported_fields`).
+Unknown fields are ignored, as TGI's serde does. The OpenAI fields the embedded engine does not
+implement are accepted at their neutral value and rejected by name otherwise
+(`unsupported_fields`); TGI's own rules are in engine/validation.py.
 """
 
 from typing import ClassVar, Literal
@@ -44,22 +45,17 @@ class GenerateParameters(_Request):
     watermark: bool = False
     adapter_id: str | None = None
 
-    neutral_values: ClassVar[dict[str, object]] = {
-        "best_of": 1,
-        "decoder_input_details": False,
-        "frequency_penalty": 0.0,
-        "grammar": None,
-        "repetition_penalty": 1.0,
-        "top_n_tokens": 0,
-        "typical_p": 1.0,
-        "watermark": False,
-        "adapter_id": None,
-    }
-
 
 class GenerateRequest(_Request):
     inputs: str
-    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    parameters: GenerateParameters | None = None
+    add_special_tokens: bool = True
+
+    def effective_parameters(self) -> GenerateParameters:
+        """TGI's quirk: `parameters` left out samples (do_sample true); `{}` is greedy."""
+        if self.parameters is None:
+            return GenerateParameters(do_sample=True)
+        return self.parameters
 
 
 class CompatGenerateRequest(GenerateRequest):
@@ -112,15 +108,7 @@ class ChatRequest(OpenAIRequest):
     response_format: dict | None = None
     tools: list | None = None
 
-    neutral_values: ClassVar[dict[str, object]] = {
-        "n": 1,
-        "logprobs": False,
-        "top_logprobs": 0,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
-        "response_format": None,
-        "tools": None,
-    }
+    neutral_values: ClassVar[dict[str, object]] = {"n": 1, "response_format": None, "tools": None}
 
 
 class CompletionRequest(OpenAIRequest):
@@ -128,11 +116,7 @@ class CompletionRequest(OpenAIRequest):
     suffix: str | None = None
     repetition_penalty: float | None = None
 
-    neutral_values: ClassVar[dict[str, object]] = {
-        "suffix": None,
-        "repetition_penalty": 1.0,
-        "frequency_penalty": 0.0,
-    }
+    neutral_values: ClassVar[dict[str, object]] = {"suffix": None}
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt

@@ -73,6 +73,12 @@ class Sequence:
         return self.num_tokens - (self.num_blocks - 1) * self.block_size
 
     @property
+    def needs_prefill_logprobs(self) -> bool:
+        """Asked for prompt logprobs and not yet given them: only a request's first prefill has
+        no generated token (a preempted sequence is recomputed with at least one)."""
+        return self.params.prefill_logprobs and self.num_completion_tokens == 0
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

@@ -1,35 +1,48 @@
 """The engine's HTTP API: TGI's routes (this file) and OpenAI's (openai_routes.py)."""
 
-from collections.abc import AsyncIterator
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import openai_routes
 from engine.errors import RequestError, ValidationError
+from engine.http_guards import install_guards
 from engine.schemas import CompatGenerateRequest, GenerateRequest
-from engine.service import GeneratedToken, TextGenerationService, ValidRequest
-from engine.sse import sse_event, sse_response
+from engine.service import TextGenerationService
+from engine.sse import sse_response
+from engine.tgi_generate import generate_response, stream_events, validate_generate
 
 
-def token_dict(token: GeneratedToken) -> dict:
-    return {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special}
-
-
-def create_app(service: TextGenerationService, info: dict) -> FastAPI:
-    app = FastAPI(title="ray-tgi embedded engine", version=info["version"])
+def create_app(service: TextGenerationService, info: dict, args) -> FastAPI:
+    app = FastAPI(
+        title="ray-tgi embedded engine",
+        version=info["version"],
+        openapi_url="/api-doc/openapi.json",  # TGI's path; Swagger UI at /docs
+    )
     app.state.service = service
+    install_guards(app, args.api_key, args.payload_limit, args.cors_allow_origin)
 
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, error: RequestError) -> JSONResponse:
+        if not getattr(error, "counted", False):
+            service.metrics.request_failure.labels(err=error.error_type).inc()
         return error.to_response()
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body")
+        service.metrics.request_count.inc()  # never reached validation, which counts the rest
+        service.metrics.request_failure.labels(err="validation").inc()
         return ValidationError(f"`{where}`: {first['msg']}").to_response()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        stats, m = service.engine.stats, service.metrics
+        m.queue_size.set(stats.num_waiting)
+        m.batch_current_size.set(stats.num_running)
+        m.batch_current_max_tokens.set(stats.num_batch_max_tokens)
+        return Response(m.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -41,92 +54,35 @@ def create_app(service: TextGenerationService, info: dict) -> FastAPI:
     async def get_info() -> dict:
         return info
 
+    @app.post("/tokenize")
+    async def tokenize(body: GenerateRequest) -> list[dict]:
+        """The tokens /generate would see for these inputs (before truncation)."""
+        return service.simple_tokens(body.inputs, body.add_special_tokens)
+
     @app.post("/")
     async def compat_generate(body: CompatGenerateRequest) -> Response:
         """TGI's compat route: a one-element list, or the event stream when `stream` is set."""
         if body.stream:
             return start_stream(service, body)
-        return JSONResponse([await generate_response(service, body)])
+        response, headers = await generate_response(service, body)
+        return JSONResponse([response], headers=headers)
 
     @app.post("/generate")
     async def generate(body: GenerateRequest) -> JSONResponse:
-        return JSONResponse(await generate_response(service, body))
+        response, headers = await generate_response(service, body)
+        return JSONResponse(response, headers=headers)
 
     @app.post("/generate_stream")
     async def generate_stream(body: GenerateRequest) -> StreamingResponse:
         return start_stream(service, body)
 
+    def start_stream(service: TextGenerationService, body: GenerateRequest) -> StreamingResponse:
+        request = validate_generate(service, body, stream=True)
+        service.admit()
+        events = stream_events(service, body, request)
+        response = sse_response(events, on_close=service.release)
+        response.headers["x-compute-type"] = service.compute_type
+        return response
+
     openai_routes.register(app, service, model_id=info["model_id"])
     return app
-
-
-async def generate_response(service: TextGenerationService, body: GenerateRequest) -> dict:
-    """Run a request to the end and build TGI's GenerateResponse."""
-    request = validate_generate(service, body)
-    service.admit()
-    try:
-        tokens = [token async for token in service.generate(request)]
-    finally:
-        service.release()
-    last = tokens[-1]
-    response: dict = {"generated_text": full_text(body, last.generated_text)}
-    if body.parameters.details:
-        response["details"] = {
-            "finish_reason": last.finish_reason,
-            "generated_tokens": len(tokens),
-            "seed": request.params.seed,
-            "prefill": [],
-            "tokens": [token_dict(t) for t in tokens],
-        }
-    return response
-
-
-def start_stream(service: TextGenerationService, body: GenerateRequest) -> StreamingResponse:
-    request = validate_generate(service, body)
-    service.admit()
-    return sse_response(stream_events(service, body, request), on_close=service.release)
-
-
-def full_text(body: GenerateRequest, generated_text: str) -> str:
-    return body.inputs + generated_text if body.parameters.return_full_text else generated_text
-
-
-def validate_generate(service: TextGenerationService, body: GenerateRequest) -> ValidRequest:
-    unsupported = body.parameters.unsupported_fields()
-    if unsupported:
-        raise ValidationError(f"`{unsupported[0]}` is not supported by the embedded engine yet")
-    p = body.parameters
-    prompt_ids = service.tokenize(body.inputs)
-    if p.truncate is not None:
-        prompt_ids = prompt_ids[-p.truncate :]
-    return service.validate(
-        prompt_ids,
-        p.max_new_tokens,
-        do_sample=p.do_sample,
-        temperature=p.temperature,
-        top_k=p.top_k,
-        top_p=p.top_p,
-        seed=p.seed,
-        stop=p.stop,
-    )
-
-
-async def stream_events(
-    service: TextGenerationService, body: GenerateRequest, request: ValidRequest
-) -> AsyncIterator[str]:
-    """StreamResponse events; the last carries generated_text (and details when asked)."""
-    try:
-        async for token in service.generate(request):
-            event = {"index": token.index, "token": token_dict(token), "generated_text": None}
-            if token.finish_reason:
-                event["generated_text"] = full_text(body, token.generated_text)
-                if body.parameters.details:
-                    event["details"] = {
-                        "finish_reason": token.finish_reason,
-                        "generated_tokens": token.index + 1,
-                        "seed": request.params.seed,
-                        "input_length": len(request.prompt_ids),
-                    }
-            yield sse_event(event)
-    except RequestError as error:  # the response has started: report in the stream
-        yield sse_event(error.to_dict())

@@ -4,25 +4,29 @@ Protocol-neutral: the TGI and OpenAI routes both build a `ValidRequest` here and
 `GeneratedToken`s in their own wire format.
 """
 
-import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncEngine, EngineDeadError
-from engine.errors import GenerationError, OverloadedError, ValidationError
+from engine.errors import GenerationError, OverloadedError, RequestError, ValidationError
+from engine.metrics import EngineMetrics, record_success
 from engine.protocol import FinishReason, SamplingParams
+from engine.schemas import GenerateParameters
 from engine.text import IncrementalDetokenizer, find_stop
+from engine.validation import Limits, check_lengths, check_parameters, sampling_params
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_concurrent_requests: int
-    max_input_tokens: int
-    max_total_tokens: int
-    max_stop_sequences: int
-    max_client_batch_size: int
+@dataclass
+class Timing:
+    """Monotonic times of one request: arrival, first engine step, first and last token."""
+
+    arrived: float = field(default_factory=time.monotonic)
+    validated: float | None = None
+    first_step: float | None = None
+    first_token: float | None = None
+    end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class ValidRequest:
     prompt_ids: list[int]
     params: SamplingParams
     stop: list[str] = field(default_factory=list)
+    timing: Timing = field(default_factory=Timing)
+    best_of: int = 1
 
 
 @dataclass(frozen=True)
@@ -41,22 +47,23 @@ class GeneratedToken:
     special: bool
     finish_reason: FinishReason | None  # set on the last token
     generated_text: str | None  # the whole output (special tokens left out), on the last token
-
-
-@dataclass
-class Timing:
-    """When a request was admitted, when its first token and its last arrived (monotonic s)."""
-
-    start: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
-    end: float | None = None
+    top_tokens: list[dict] = field(default_factory=list)  # TGI Tokens, when top_n_tokens > 0
+    prefill: list[dict] | None = None  # TGI PrefillTokens, on the first token when asked
 
 
 class TextGenerationService:
     def __init__(
-        self, engine: AsyncEngine, tokenizer, eos_token_ids: frozenset[int], limits: Limits
+        self,
+        engine: AsyncEngine,
+        tokenizer,
+        eos_token_ids: frozenset[int],
+        limits: Limits,
+        metrics: EngineMetrics,
     ):
         self.engine = engine
+        self.metrics = metrics
+        # TGI's x-compute-type header: what the model runs on.
+        self.compute_type = engine.engine.model_runner.device.type
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.limits = limits
@@ -67,63 +74,41 @@ class TextGenerationService:
             i for i, token in tokenizer.added_tokens_decoder.items() if token.special
         )
 
-    def tokenize(self, text: str) -> list[int]:
-        # Chat templates already contain the model's special tokens, so add none here.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`; chat templates hold their special tokens already (pass False)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def simple_tokens(self, text: str, add_special_tokens: bool) -> list[dict]:
+        """TGI's SimpleToken list: id, the text it covers, and its start/stop offsets."""
+        encoding = self.tokenizer(
+            text, add_special_tokens=add_special_tokens, return_offsets_mapping=True
+        )
+        return [
+            {"id": token_id, "text": text[start:stop], "start": start, "stop": stop}
+            for token_id, (start, stop) in zip(
+                encoding["input_ids"], encoding["offset_mapping"], strict=True
+            )
+        ]
 
     def validate(
         self,
         prompt_ids: list[int],
-        max_new_tokens: int | None,
+        p: GenerateParameters,
         *,
-        do_sample: bool = False,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: list[str] | None = None,
+        stream: bool = False,
+        presence_penalty: float | None = None,
     ) -> ValidRequest:
-        """Check a request against the launcher's limits, with TGI's messages."""
-        limits, num_input = self.limits, len(prompt_ids)
-        if num_input == 0:
-            raise ValidationError("`inputs` cannot be empty")
-        if temperature is not None and temperature <= 0:
-            raise ValidationError("`temperature` must be strictly positive")
-        if top_k is not None and top_k <= 0:
-            raise ValidationError("`top_k` must be strictly positive")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValidationError("`top_p` must be > 0.0 and < 1.0")
-        stop = stop or []
-        if len(stop) > limits.max_stop_sequences:
-            raise ValidationError(
-                f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
-                f"Given: {len(stop)}"
-            )
-        if num_input > limits.max_input_tokens:
-            raise ValidationError(
-                f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {num_input}"
-            )
-        if max_new_tokens is None:  # as TGI 3: the rest of the context
-            max_new_tokens = limits.max_total_tokens - num_input
-        if max_new_tokens <= 0:
-            raise ValidationError("`max_new_tokens` must be strictly positive")
-        if num_input + max_new_tokens > limits.max_total_tokens:
-            raise ValidationError(
-                f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
-                f"Given: {num_input} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
-            )
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            eos_token_ids=self.eos_token_ids,
-        )
-        if seed is None and not params.is_greedy:  # TGI reports the seed it drew
-            params = SamplingParams(**{**params.__dict__, "seed": random.getrandbits(63)})
-        return ValidRequest(prompt_ids, params, stop)
+        """Check a request with TGI's rules and messages; truncate its prompt as asked."""
+        timing = Timing()
+        self.metrics.request_count.inc()
+        best_of = check_parameters(p, self.limits, stream=stream)
+        if p.truncate is not None:
+            prompt_ids = prompt_ids[-p.truncate :]
+        max_new_tokens = check_lengths(len(prompt_ids), p.max_new_tokens, self.limits)
+        params = sampling_params(p, max_new_tokens, self.eos_token_ids, presence_penalty)
+        timing.validated = time.monotonic()
+        self.metrics.request_validation_duration.observe(timing.validated - timing.arrived)
+        return ValidRequest(prompt_ids, params, list(p.stop), timing, best_of)
 
     def admit(self, num_requests: int = 1) -> None:
         """Take concurrency slots, all or none (release each with `release`), or fail with 429."""
@@ -134,18 +119,19 @@ class TextGenerationService:
     def release(self, num_requests: int = 1) -> None:
         self.num_in_flight -= num_requests
 
-    async def generate(
-        self, request: ValidRequest, timing: Timing | None = None
-    ) -> AsyncIterator[GeneratedToken]:
+    async def generate(self, request: ValidRequest) -> AsyncIterator[GeneratedToken]:
         """Stream the request's tokens; the last one carries finish_reason and generated_text."""
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
         output, index = "", 0
         steps = self.engine.generate(request.prompt_ids, request.params)
+        timing = request.timing
         try:
             # aclosing: leaving early (stop sequence, client gone) aborts the engine request now,
             # not whenever the generator is garbage-collected.
             async with aclosing(steps):
-                async for step in steps:
+                async for step, step_started in steps:
+                    if timing.first_step is None:
+                        timing.first_step, timing.first_token = step_started, time.monotonic()
                     special = step.token_id in self._special_ids
                     text = detokenizer.push(step.token_id)
                     finish_reason = step.finish_reason
@@ -153,8 +139,6 @@ class TextGenerationService:
                         output += text
                         if request.stop and find_stop(output, len(text), request.stop) is not None:
                             finish_reason = "stop_sequence"
-                    if timing and timing.first_token is None:
-                        timing.first_token = time.monotonic()
                     yield GeneratedToken(
                         index=index,
                         id=step.token_id,
@@ -163,14 +147,34 @@ class TextGenerationService:
                         special=special,
                         finish_reason=finish_reason,
                         generated_text=output if finish_reason else None,
+                        top_tokens=[self.token(i, lp) for i, lp in step.top_tokens],
+                        prefill=self._prefill(request.prompt_ids, step.prefill_logprobs),
                     )
                     index += 1
                     if finish_reason:  # a stop sequence ends the stream, which aborts the request
+                        timing.end = time.monotonic()
+                        record_success(self.metrics, request, index)
                         break
         except EngineDeadError as e:
-            raise GenerationError(str(e)) from e
+            raise self._failed(GenerationError(str(e))) from e
         except ValueError as e:  # the engine refused the request (it can never fit the cache)
-            raise ValidationError(str(e)) from e
-        finally:
-            if timing:
-                timing.end = time.monotonic()
+            raise self._failed(ValidationError(str(e))) from e
+
+    def token(self, token_id: int, logprob: float) -> dict:
+        """TGI's Token: id, its text alone, logprob, and whether it is a special token."""
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"id": token_id, "text": text, "logprob": logprob,
+                "special": token_id in self._special_ids}  # fmt: skip
+
+    def _prefill(self, prompt_ids: list[int], logprobs) -> list[dict] | None:
+        if logprobs is None:
+            return None
+        texts = self.tokenizer.convert_ids_to_tokens(prompt_ids)
+        texts = [self.tokenizer.convert_tokens_to_string([t]) for t in texts]
+        return [{"id": i, "text": t, "logprob": lp}
+                for i, t, lp in zip(prompt_ids, texts, logprobs, strict=True)]  # fmt: skip
+
+    def _failed(self, error: RequestError) -> RequestError:
+        self.metrics.request_failure.labels(err=error.error_type).inc()
+        error.counted = True  # the HTTP error handler must not count it again
+        return error

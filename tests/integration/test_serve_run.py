@@ -187,6 +187,39 @@ def test_tgi_routes_stream_and_errors(serve_run):
     assert error.json()["error_type"] == "validation"
 
 
+def test_the_ingress_passes_tgis_contract_through(serve_run):
+    body = {"inputs": CHAT_PROMPT, "parameters": {
+        "max_new_tokens": 20, "details": True, "decoder_input_details": True,
+        "top_n_tokens": 2}}  # fmt: skip
+    answer = httpx.post(f"{BASE_URL}/generate", json=body, timeout=120)
+    details = answer.json()["details"]
+    assert answer.json()["generated_text"] == "The capital of France is Paris."
+    assert len(details["prefill"]) == 16 and len(details["top_tokens"]) == 8
+    assert answer.headers["x-generated-tokens"] == "8"  # TGI's headers survive the hops
+    bad = httpx.post(f"{BASE_URL}/generate", json={"inputs": "Hi", "parameters": {"top_k": 0}})
+    assert bad.status_code == 422
+    assert bad.json() == {"error": "Input validation error: `top_k` must be strictly positive",
+                          "error_type": "validation"}  # fmt: skip
+    tokens = httpx.post(f"{BASE_URL}/tokenize", json={"inputs": "Hello world"}).json()
+    assert [t["text"] for t in tokens] == ["Hello", " world"]
+    chat = {"messages": [{"role": "user", "content": QUESTION}]}
+    templated = httpx.post(f"{BASE_URL}/chat_tokenize", json=chat).json()["templated_text"]
+    assert templated.endswith(CHAT_PROMPT)  # after the template's default system prompt
+    metrics = httpx.get(f"{BASE_URL}/metrics").text
+    assert "# TYPE tgi_request_count counter" in metrics
+    assert "tgi_batch_inference_count" in metrics
+
+
+def test_huggingface_hub_client_through_the_ingress(serve_run):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(BASE_URL)
+    assert "Paris" in client.text_generation(CHAT_PROMPT, max_new_tokens=20)
+    chat = client.chat_completion([{"role": "user", "content": QUESTION}], max_tokens=20,
+                                  temperature=0)  # fmt: skip
+    assert "Paris" in chat.choices[0].message.content
+
+
 def test_sigint_stops_everything(serve_run):
     root = psutil.Process(serve_run.process.pid)
     descendants = root.children(recursive=True)
