@@ -76,6 +76,8 @@ def build(args):
             max_batch_total_tokens=args.max_batch_total_tokens,
             max_batch_prefill_tokens=args.max_batch_prefill_tokens,
             max_batch_size=args.max_batch_size,
+            waiting_served_ratio=args.waiting_served_ratio,
+            max_waiting_tokens=args.max_waiting_tokens,
             dtype=args.dtype,
         )
     )

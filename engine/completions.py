@@ -96,7 +96,8 @@ async def completion_events(
             elif isinstance(item, RequestError):
                 yield sse_event(item.to_dict())
             else:
-                finish_reason = item.finish_reason and OPENAI_FINISH_REASON[item.finish_reason]
+                # TGI sends "" until the last chunk; its schema has no null here.
+                finish_reason = OPENAI_FINISH_REASON.get(item.finish_reason, "")
                 choice = {
                     "index": index,
                     "text": "" if item.special else item.text,

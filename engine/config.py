@@ -12,6 +12,11 @@ class EngineConfig:
     max_batch_total_tokens: int = 16384  # KV cache capacity in tokens
     max_batch_prefill_tokens: int = 4096  # cap on prompt tokens prefilled in one step
     max_batch_size: int | None = None  # cap on running sequences
+    # TGI's rule for letting waiting requests into a running batch (a prefill pauses every
+    # running sequence): only when at least waiting_served_ratio x running requests wait,
+    # or when they have waited max_waiting_tokens decode steps.
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
     block_size: int = 16
     dtype: str | None = None  # None -> float32 on CPU, bfloat16 on CUDA
     device: str | None = None  # None -> "cuda" if available else "cpu"

@@ -69,6 +69,12 @@ class EngineMetrics:
             "tgi_batch_max_total_tokens", "KV cache capacity in tokens", registry=r
         )
         self.batch_max_total_tokens.set(max_batch_total_tokens)
+        self.kv_blocks_free = Gauge(
+            "ray_tgi_kv_blocks_free", "Paged KV cache blocks free (not in TGI)", registry=r
+        )
+        self.kv_blocks_total = Gauge(
+            "ray_tgi_kv_blocks_total", "Paged KV cache blocks in all (not in TGI)", registry=r
+        )
         self.batch_inference_count = Counter(
             "tgi_batch_inference_count", "Engine steps, by method", ["method"], registry=r
         )

@@ -22,6 +22,9 @@ class Scheduler:
         self.block_size = config.block_size
         self.max_batch_prefill_tokens = config.max_batch_prefill_tokens
         self.max_batch_size = config.max_batch_size
+        self.waiting_served_ratio = config.waiting_served_ratio
+        self.max_waiting_tokens = config.max_waiting_tokens
+        self.num_steps_waited = 0  # decode steps run while requests waited
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()  # FIFO; preempted sequences go to the front
         self.running: deque[Sequence] = deque()  # oldest first, so the newest is running[-1]
@@ -66,14 +69,25 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Pick the next batch: (sequences, is_prefill); ([], False) when there is no work."""
-        if prefill := self._schedule_prefill():
+        if self._may_join() and (prefill := self._schedule_prefill()):
+            self.num_steps_waited = 0
             return prefill, True
         if decode := self._schedule_decode():
+            if self.waiting:
+                self.num_steps_waited += 1
             return decode, False
         # A lone sequence that preempted itself fits the now empty cache: recompute it.
         if prefill := self._schedule_prefill():
             return prefill, True
         return [], False
+
+    def _may_join(self) -> bool:
+        """TGI's admission rule (see EngineConfig.waiting_served_ratio)."""
+        return (
+            not self.running
+            or self.num_steps_waited >= self.max_waiting_tokens
+            or len(self.waiting) >= len(self.running) * self.waiting_served_ratio
+        )
 
     def _has_batch_slot(self, num_seqs: int) -> bool:
         return self.max_batch_size is None or num_seqs < self.max_batch_size

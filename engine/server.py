@@ -42,6 +42,8 @@ def create_app(service: TextGenerationService, info: dict, args) -> FastAPI:
         m.queue_size.set(stats.num_waiting)
         m.batch_current_size.set(stats.num_running)
         m.batch_current_max_tokens.set(stats.num_batch_max_tokens)
+        m.kv_blocks_free.set(stats.num_free_blocks)
+        m.kv_blocks_total.set(stats.num_total_blocks)
         return Response(m.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")

@@ -171,3 +171,20 @@ def test_rejects_requests_that_can_never_be_served():
     with pytest.raises(ValueError, match="in use"):
         scheduler.add(make_seq("d", 1))
     assert [seq.request_id for seq in scheduler.waiting] == ["d"]
+
+
+def test_waiters_join_a_running_batch_only_by_tgis_ratio_or_after_max_waiting_tokens():
+    config = EngineConfig(model_dir="unused", max_batch_total_tokens=256,
+                          max_batch_prefill_tokens=64, block_size=BLOCK_SIZE,
+                          waiting_served_ratio=0.5, max_waiting_tokens=3)  # fmt: skip
+    scheduler = Scheduler(config)
+    for i in range(4):
+        scheduler.add(make_seq(f"r{i}", 4, max_new_tokens=50))
+    assert step(scheduler) == (["r0", "r1", "r2", "r3"], True)
+    scheduler.add(make_seq("late", 4, max_new_tokens=50))  # 1 waiting < 0.5 x 4 running
+    assert [step(scheduler)[1] for _ in range(3)] == [False] * 3  # decodes, late waits
+    assert step(scheduler) == (["late"], True)  # waited max_waiting_tokens=3 steps
+    scheduler.add(make_seq("a", 4, max_new_tokens=50))
+    scheduler.add(make_seq("b", 4, max_new_tokens=50))
+    scheduler.add(make_seq("c", 4, max_new_tokens=50))  # 3 waiting >= 0.5 x 5 running
+    assert step(scheduler) == (["a", "b", "c"], True)

@@ -1,6 +1,8 @@
 """The engine's auxiliary routes and launcher guards: tokenize, metrics, docs, API key,
 payload limit and CORS, over real HTTP against the real engine process."""
 
+import time
+
 import httpx
 import pytest
 
@@ -99,3 +101,32 @@ def test_cors_allows_the_configured_origin_only(client):
         "http://example.com"
     )
     assert "access-control-allow-origin" not in preflight("http://evil.example").headers
+
+
+def test_a_client_gone_mid_stream_leaves_the_batch_and_frees_its_blocks(client):
+    def gauges() -> dict[str, float]:
+        lines = client.get("/metrics").text.splitlines()
+        return {
+            n: float(v)
+            for n, v in (
+                line.split(" ")
+                for line in lines
+                if line.startswith(("tgi_batch_current_size ", "ray_tgi_kv_blocks_"))  # fmt: skip
+            )
+        }
+
+    idle = gauges()
+    assert idle["tgi_batch_current_size"] == 0
+    assert idle["ray_tgi_kv_blocks_free"] == idle["ray_tgi_kv_blocks_total"]
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 100}}
+    with client.stream("POST", "/generate_stream", json=body) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data:")
+        busy = gauges()
+        assert busy["tgi_batch_current_size"] == 1
+        assert busy["ray_tgi_kv_blocks_free"] < busy["ray_tgi_kv_blocks_total"]
+    # disconnected after one token: the engine drops the request at its next step
+    deadline = time.monotonic() + 20
+    while gauges() != idle and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gauges() == idle
