@@ -13,8 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.common import engine_process
-
 pytestmark = pytest.mark.slow
 
 SNAPSHOTS = Path(__file__).with_name("snapshots")
@@ -42,11 +40,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def engine_url(default_model_dir):
-    flags = ["--model-id", str(default_model_dir), "--max-input-tokens", "64",
-             "--max-total-tokens", "128", "--max-batch-total-tokens", "1024"]  # fmt: skip
-    with engine_process(flags) as url:
-        yield url
+def engine_url(small_engine_url):
+    return small_engine_url
 
 
 def fetch(engine_url: str, path: str, body: dict):

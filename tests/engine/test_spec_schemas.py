@@ -14,8 +14,6 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from benchmarks.common import engine_process
-
 pytestmark = pytest.mark.slow
 
 SPEC = json.loads((Path(__file__).with_name("tgi-openapi.json")).read_text())
@@ -48,11 +46,8 @@ def check(instance, schema_name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def engine_url(default_model_dir):
-    flags = ["--model-id", str(default_model_dir), "--max-input-tokens", "64",
-             "--max-total-tokens", "128", "--max-batch-total-tokens", "1024"]  # fmt: skip
-    with engine_process(flags) as url:
-        yield url
+def engine_url(small_engine_url):
+    return small_engine_url
 
 
 def events(engine_url: str, path: str, body: dict) -> list[dict]:
