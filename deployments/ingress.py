@@ -60,24 +60,20 @@ STREAMABLE = frozenset({"/", "/v1/chat/completions", "/v1/completions"})
 
 
 async def _sse_response(stream: DeploymentResponseGenerator) -> Response:
-    """Wait for the first item, so that an error before it is an HTTP error status, then
-    stream the rest as it arrives."""
+    """Wait for the launcher's answer (its x-* headers come first), so that an error before
+    the stream starts is an HTTP error status; then stream the events as they arrive."""
     try:
-        first = await stream.__anext__()
-    except StopAsyncIteration:
-        return StreamingResponse(iter(()), media_type="text/event-stream")
+        launcher_headers = await stream.__anext__()
     except BaseException:
         stream.cancel()  # the client went away, or the call failed: stop the generation
         raise
-    return StreamingResponse(
-        _sse_events(first, stream), media_type="text/event-stream", headers=_SSE_HEADERS
-    )
+    headers = {**_SSE_HEADERS, **launcher_headers}
+    return StreamingResponse(_sse_events(stream), media_type="text/event-stream", headers=headers)
 
 
-async def _sse_events(first: str, stream: DeploymentResponseGenerator) -> AsyncIterator[str]:
+async def _sse_events(stream: DeploymentResponseGenerator) -> AsyncIterator[str]:
     finished = False
     try:
-        yield first
         async for event in stream:
             yield event
         finished = True

@@ -117,9 +117,12 @@ class TGIServer:
             response.content, response.headers.get("content-type", ""), _tgi_headers(response)
         )
 
-    async def stream(self, path: str, request: dict[str, Any]) -> AsyncIterator[str]:
-        """POST a streaming route; yields each SSE event verbatim, as TGI framed it (its
-        error events and the OpenAI routes' `data: [DONE]` included).
+    async def stream(
+        self, path: str, request: dict[str, Any]
+    ) -> AsyncIterator[dict[str, str] | str]:
+        """POST a streaming route; yields the launcher's x-* headers once it has answered,
+        then each SSE event verbatim, as TGI framed it (its error events and the OpenAI
+        routes' `data: [DONE]` included).
 
         Leaving this generator early (the caller is cancelled, or closes it) exits the
         `async with`, which closes the connection, which is how the engine learns to stop.
@@ -128,6 +131,7 @@ class TGIServer:
         async with self._client.stream("POST", path, json=request) as response:
             if response.status_code != 200:
                 _raise_for_error(response.status_code, await response.aread())
+            yield _tgi_headers(response)
             async for line in response.aiter_lines():
                 if line:  # events and keep-alive comments; blank lines only separate them
                     yield f"{line}\n\n"

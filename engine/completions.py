@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.errors import RequestError, ValidationError
-from engine.openai_common import OPENAI_FINISH_REASON, usage, validate_openai
+from engine.openai_common import OPENAI_FINISH_REASON, merged_tokens, usage, validate_openai
 from engine.schemas import CompletionRequest
 from engine.service import GeneratedToken, TextGenerationService, ValidRequest
 from engine.sse import sse_event, sse_response
@@ -75,37 +75,16 @@ async def completion_events(
     service: TextGenerationService, requests: list[ValidRequest], envelope: dict
 ) -> AsyncIterator[str]:
     """One text_completion chunk per token, prompts interleaved as they decode, then [DONE]."""
-    merged: asyncio.Queue = asyncio.Queue()  # (index, GeneratedToken | RequestError | None)
-
-    async def pump(index: int, request: ValidRequest) -> None:
-        try:
-            async for token in service.generate(request):
-                await merged.put((index, token))
-        except RequestError as error:
-            await merged.put((index, error))
-        finally:
-            await merged.put((index, None))
-
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
-    try:
-        num_running = len(tasks)
-        while num_running:
-            index, item = await merged.get()
-            if item is None:
-                num_running -= 1
-            elif isinstance(item, RequestError):
-                yield sse_event(item.to_dict())
-            else:
-                # TGI sends "" until the last chunk; its schema has no null here.
-                finish_reason = OPENAI_FINISH_REASON.get(item.finish_reason, "")
-                choice = {
-                    "index": index,
-                    "text": "" if item.special else item.text,
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }
-                yield sse_event({**envelope, "choices": [choice]})
-        yield sse_event("[DONE]")
-    finally:
-        for task in tasks:  # the client went away: stop every prompt's generation
-            task.cancel()
+    async for index, item in merged_tokens(service, requests):
+        if isinstance(item, RequestError):
+            yield sse_event(item.to_dict())
+            continue
+        choice = {
+            "index": index,
+            "text": "" if item.special else item.text,
+            "logprobs": None,
+            # TGI sends "" until the last chunk; its schema has no null here.
+            "finish_reason": OPENAI_FINISH_REASON.get(item.finish_reason, ""),
+        }
+        yield sse_event({**envelope, "choices": [choice]})
+    yield sse_event("[DONE]")

@@ -1,9 +1,12 @@
 """Pieces shared by the OpenAI-compatible routes (chat and legacy completions)."""
 
-from engine.errors import ValidationError
+import asyncio
+from collections.abc import AsyncIterator
+
+from engine.errors import RequestError, ValidationError
 from engine.protocol import PRESENCE_TO_REPETITION_OFFSET
 from engine.schemas import GenerateParameters, OpenAIRequest
-from engine.service import TextGenerationService, ValidRequest
+from engine.service import GeneratedToken, TextGenerationService, ValidRequest
 
 SYSTEM_FINGERPRINT = "3.3.6-ray-tgi"
 
@@ -47,3 +50,33 @@ def validate_openai(
         # What TGI answers, as it sends presence_penalty + 2 on as the repetition penalty.
         raise ValidationError("`repetition_penalty` must be strictly positive")
     return service.validate(prompt_ids, parameters, presence_penalty=presence)
+
+
+async def merged_tokens(
+    service: TextGenerationService, requests: list[ValidRequest]
+) -> AsyncIterator[tuple[int, GeneratedToken | RequestError]]:
+    """The tokens of several requests as they come, each with its request's index; a request
+    that fails yields its error. Closing this stops every request still running."""
+    merged: asyncio.Queue = asyncio.Queue()  # (index, GeneratedToken | RequestError | None)
+
+    async def pump(index: int, request: ValidRequest) -> None:
+        try:
+            async for token in service.generate(request):
+                await merged.put((index, token))
+        except RequestError as error:
+            await merged.put((index, error))
+        finally:
+            await merged.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        num_running = len(tasks)
+        while num_running:
+            index, item = await merged.get()
+            if item is None:
+                num_running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,5 +1,6 @@
 """OpenAI-compatible routes of the engine, as TGI serves them."""
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,11 +13,12 @@ from engine.errors import RequestError, ValidationError
 from engine.openai_common import (
     OPENAI_FINISH_REASON,
     SYSTEM_FINGERPRINT,
+    merged_tokens,
     usage,
     validate_openai,
 )
 from engine.schemas import ChatRequest
-from engine.service import GeneratedToken, TextGenerationService, ValidRequest
+from engine.service import GeneratedToken, TextGenerationService, ValidRequest, with_fresh_seeds
 from engine.sse import sse_event, sse_response
 
 
@@ -40,7 +42,14 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> JSONResponse | StreamingResponse:
         request = validate_chat(service, body)
-        service.admit()
+        n = body.n if body.n is not None else 1
+        if not 1 <= n <= service.limits.max_client_batch_size:
+            raise ValidationError(
+                f"`n` must be between 1 and {service.limits.max_client_batch_size}"
+                f" (--max-client-batch-size). Given: {n}"
+            )
+        requests = with_fresh_seeds(request, n)  # n choices, each sampled on its own
+        service.admit(n)
         envelope = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -48,26 +57,34 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if body.stream:
-            chunks = chat_chunks(service, body, request, envelope)
-            return sse_response(chunks, on_close=service.release)
+            chunks = chat_chunks(service, body, requests, envelope)
+            return sse_response(chunks, on_close=lambda: service.release(n))
         try:
-            tokens = [token async for token in service.generate(request)]
+            runs = await asyncio.gather(*(collect(service, r) for r in requests))
         finally:
-            service.release()
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": tokens[-1].generated_text},
-            "logprobs": chat_logprobs(tokens) if body.logprobs else None,
-            "finish_reason": OPENAI_FINISH_REASON[tokens[-1].finish_reason],
-        }
+            service.release(n)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": tokens[-1].generated_text},
+                "logprobs": chat_logprobs(tokens) if body.logprobs else None,
+                "finish_reason": OPENAI_FINISH_REASON[tokens[-1].finish_reason],
+            }
+            for i, tokens in enumerate(runs)
+        ]
+        num_generated = sum(len(tokens) for tokens in runs)
         return JSONResponse(
             {
                 **envelope,
                 "object": "chat.completion",
-                "choices": [choice],
-                "usage": usage(len(request.prompt_ids), len(tokens)),
+                "choices": choices,
+                "usage": usage(len(request.prompt_ids), num_generated),
             }
         )
+
+
+async def collect(service: TextGenerationService, request: ValidRequest) -> list[GeneratedToken]:
+    return [token async for token in service.generate(request)]
 
 
 def chat_logprobs(tokens: list[GeneratedToken]) -> dict:
@@ -96,26 +113,28 @@ def validate_chat(service: TextGenerationService, body: ChatRequest) -> ValidReq
 
 
 async def chat_chunks(
-    service: TextGenerationService, body: ChatRequest, request: ValidRequest, envelope: dict
+    service: TextGenerationService,
+    body: ChatRequest,
+    requests: list[ValidRequest],
+    envelope: dict,
 ) -> AsyncIterator[str]:
-    """chat.completion.chunk objects, then "[DONE]"; an error mid-stream is an error event."""
+    """chat.completion.chunk objects (choices interleaved as they decode), then "[DONE]"; a
+    failing choice sends an error event."""
     base = {**envelope, "object": "chat.completion.chunk"}
     num_generated = 0
-    try:
-        async for token in service.generate(request):
-            num_generated += 1
-            content = "" if token.special else token.text
-            finish_reason = token.finish_reason and OPENAI_FINISH_REASON[token.finish_reason]
-            choice = {
-                "index": 0,
-                "delta": {"role": "assistant", "content": content},
-                "logprobs": chat_logprobs([token]) if body.logprobs else None,
-                "finish_reason": finish_reason,
-            }
-            yield sse_event({**base, "choices": [choice], "usage": None})
-        if body.stream_options and body.stream_options.include_usage:
-            num_prompt = len(request.prompt_ids)
-            yield sse_event({**base, "choices": [], "usage": usage(num_prompt, num_generated)})
-        yield sse_event("[DONE]")
-    except RequestError as error:
-        yield sse_event(error.to_dict())
+    async for index, item in merged_tokens(service, requests):
+        if isinstance(item, RequestError):
+            yield sse_event(item.to_dict())
+            continue
+        num_generated += 1
+        choice = {
+            "index": index,
+            "delta": {"role": "assistant", "content": "" if item.special else item.text},
+            "logprobs": chat_logprobs([item]) if body.logprobs else None,
+            "finish_reason": item.finish_reason and OPENAI_FINISH_REASON[item.finish_reason],
+        }
+        yield sse_event({**base, "choices": [choice], "usage": None})
+    if body.stream_options and body.stream_options.include_usage:
+        num_prompt = len(requests[0].prompt_ids)
+        yield sse_event({**base, "choices": [], "usage": usage(num_prompt, num_generated)})
+    yield sse_event("[DONE]")

@@ -108,7 +108,7 @@ class ChatRequest(OpenAIRequest):
     response_format: dict | None = None
     tools: list | None = None
 
-    neutral_values: ClassVar[dict[str, object]] = {"n": 1, "response_format": None, "tools": None}
+    neutral_values: ClassVar[dict[str, object]] = {"response_format": None, "tools": None}
 
 
 class CompletionRequest(OpenAIRequest):

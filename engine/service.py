@@ -4,10 +4,11 @@ Protocol-neutral: the TGI and OpenAI routes both build a `ValidRequest` here and
 `GeneratedToken`s in their own wire format.
 """
 
+import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.errors import GenerationError, OverloadedError, RequestError, ValidationError
@@ -49,6 +50,17 @@ class GeneratedToken:
     generated_text: str | None  # the whole output (special tokens left out), on the last token
     top_tokens: list[dict] = field(default_factory=list)  # TGI Tokens, when top_n_tokens > 0
     prefill: list[dict] | None = None  # TGI PrefillTokens, on the first token when asked
+
+
+def with_fresh_seeds(request: ValidRequest, n: int) -> list[ValidRequest]:
+    """`request` and n - 1 copies, each sampling with its own seed (greedy ones stay alike),
+    for best_of and OpenAI's n."""
+    copies = [
+        replace(request, timing=replace(request.timing),
+                params=replace(request.params, seed=random.getrandbits(63)))
+        for _ in range(n - 1)
+    ]  # fmt: skip
+    return [request, *copies]
 
 
 class TextGenerationService:

@@ -2,13 +2,11 @@
 Details, best_of sequences and x-* headers), a running one a stream of StreamResponses."""
 
 import asyncio
-import random
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 from engine.errors import RequestError
 from engine.schemas import GenerateRequest
-from engine.service import GeneratedToken, TextGenerationService, ValidRequest
+from engine.service import GeneratedToken, TextGenerationService, ValidRequest, with_fresh_seeds
 from engine.sse import sse_event
 
 
@@ -25,14 +23,7 @@ async def generate_response(
     """Run a request to the end: TGI's GenerateResponse and its x-* timing headers."""
     request = validate_generate(service, body, stream=False)
     # best_of > 1: that many sequences, each with its own seed; the best by mean logprob wins.
-    requests = [request] + [
-        replace(
-            request,
-            params=replace(request.params, seed=random.getrandbits(63)),
-            timing=replace(request.timing),
-        )
-        for _ in range(request.best_of - 1)
-    ]
+    requests = with_fresh_seeds(request, request.best_of)
     service.admit(len(requests))
     try:
         runs = await asyncio.gather(*(_run(service, r) for r in requests))

@@ -230,7 +230,9 @@ def test_tgi_server_routes_and_errors(stand_in):
             reply = await server.call("POST", "/generate", {"inputs": "hi"})
             assert json.loads(reply.body)["generated_text"].endswith("Paris.")
             assert reply.content_type.startswith("application/json")
-            events = [e async for e in server.stream("/generate_stream", {"inputs": "hi"})]
+            headers, *events = [e async for e in server.stream("/generate_stream",
+                                                               {"inputs": "hi"})]  # fmt: skip
+            assert isinstance(headers, dict)  # the launcher's x-* headers come first
             assert all(e.startswith("data:") and e.endswith("\n\n") for e in events)
             tokens = [json.loads(e[5:])["token"]["text"] for e in events]
             assert "".join(tokens) == "The capital of France is Paris."
@@ -238,7 +240,7 @@ def test_tgi_server_routes_and_errors(stand_in):
             answer = json.loads((await server.call("POST", "/v1/chat/completions", chat)).body)
             assert "Paris" in answer["choices"][0]["message"]["content"]
             stream = server.stream("/v1/chat/completions", {**chat, "stream": True})
-            events = [e async for e in stream]
+            _, *events = [e async for e in stream]
             assert events[-1] == "data: [DONE]\n\n" and events[0].startswith("data: {")
             info = json.loads((await server.call("GET", "/info")).body)
             assert info["model_id"] == "stand-in"
@@ -254,8 +256,8 @@ def test_tgi_server_routes_and_errors(stand_in):
                     pass
             assert (error.value.status_code, error.value.error_type) == (429, "overloaded")
             # An error after the stream started arrives as an event, passed through as is.
-            events = [e async for e in server.stream("/generate_stream",
-                                                     {"inputs": "fail-mid-stream"})]  # fmt: skip
+            failing = server.stream("/generate_stream", {"inputs": "fail-mid-stream"})
+            _, *events = [e async for e in failing]
             assert len(events) == 3
             assert json.loads(events[-1][5:])["error_type"] == "generation"
         finally:
@@ -271,6 +273,7 @@ def test_tgi_server_closing_a_stream_disconnects_the_engine(stand_in):
         server = await _server(stand_in)
         try:
             stream = server.stream("/generate_stream", {"inputs": "endless"})
+            await anext(stream)  # the headers
             assert json.loads((await anext(stream))[5:])["index"] == 0
             await stream.aclose()  # what Serve does when the caller cancels
             for _ in range(50):  # the engine notices at its next write

@@ -171,3 +171,24 @@ def test_openai_logprobs_and_penalties(engine_url):
     assert penalized.status_code == 200
     bad = post(engine_url, {**body, "frequency_penalty": 3.0}, "/v1/chat/completions")
     assert bad.status_code == 422 and "`frequency_penalty`" in bad.json()["error"]
+
+
+def test_openai_n_choices_streaming_and_not(engine_url):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{engine_url}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Tell me a word."}]
+    answer = client.chat.completions.create(model="m", messages=messages, n=3, max_tokens=6,
+                                            temperature=1.0)  # fmt: skip
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert answer.usage.completion_tokens >= 3
+    greedy = client.chat.completions.create(model="m", messages=messages, n=2, max_tokens=6,
+                                            temperature=0)  # fmt: skip
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    chunks = list(client.chat.completions.create(
+        model="m", messages=messages, n=2, max_tokens=6, temperature=0, stream=True))  # fmt: skip
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks
+                     if c.choices[0].index == i) for i in (0, 1)]  # fmt: skip
+    assert texts == [greedy.choices[0].message.content] * 2
+    too_many = post(engine_url, {"messages": messages, "n": 5}, "/v1/chat/completions")
+    assert too_many.status_code == 422 and "`n` must be between 1 and 4" in too_many.json()["error"]

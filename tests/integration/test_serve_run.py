@@ -180,6 +180,7 @@ def test_tgi_routes_stream_and_errors(serve_run):
     with httpx.stream("POST", f"{BASE_URL}/generate_stream", json=request, timeout=120) as r:
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data:{") for e in events)  # TGI's framing; no [DONE]
+    assert r.headers["x-compute-type"] == "cpu"  # the engine's headers pass through
     assert '"generated_text":' in events[-1] and "Paris" in events[-1]
     too_long = {"inputs": "x " * 5000, "parameters": {"max_new_tokens": 8}}
     error = httpx.post(f"{BASE_URL}/generate", json=too_long, timeout=60)
