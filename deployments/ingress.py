@@ -21,7 +21,7 @@ from deployments.errors import TGIError, error_event, error_response
 from deployments.tgi_server import LauncherReply
 from serve_app.config import IngressOptions
 
-app = FastAPI(title="ray-tgi")
+app = FastAPI(title="ray-tgi", openapi_url="/api-doc/openapi.json")  # TGI's path
 
 
 async def _handle_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -119,31 +119,31 @@ class Ingress:
     @app.post("/")
     async def compat_generate(self, request: Request) -> Response:
         """TGI's compat route (the one `text_generation.Client` uses)."""
-        return await self._forward("/", await _json_object(request))
+        return await self._forward("/", request)
 
     @app.post("/generate")
     async def generate(self, request: Request) -> Response:
-        return await self._forward("/generate", await _json_object(request))
+        return await self._forward("/generate", request)
 
     @app.post("/generate_stream")
     async def generate_stream(self, request: Request) -> Response:
-        return await self._forward("/generate_stream", await _json_object(request))
+        return await self._forward("/generate_stream", request)
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request) -> Response:
-        return await self._forward("/tokenize", await _json_object(request))
+        return await self._forward("/tokenize", request)
 
     @app.post("/chat_tokenize")
     async def chat_tokenize(self, request: Request) -> Response:
-        return await self._forward("/chat_tokenize", await _json_object(request))
+        return await self._forward("/chat_tokenize", request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._forward("/v1/chat/completions", await _json_object(request))
+        return await self._forward("/v1/chat/completions", request)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._forward("/v1/completions", await _json_object(request))
+        return await self._forward("/v1/completions", request)
 
     @app.get("/info")
     async def info(self) -> Response:
@@ -154,12 +154,15 @@ class Ingress:
         """The first model's engine metrics (scrape each engine for all of them)."""
         return _reply(await self._server().call.remote("GET", "/metrics"))
 
-    async def _forward(self, path: str, body: dict[str, Any]) -> Response:
+    async def _forward(self, path: str, request: Request) -> Response:
+        body = await _json_object(request)
         server = self._server(body.get("model"))
+        # The launcher checks the API key (--api-key), so the client's credentials go along.
+        headers = {k: v for k, v in request.headers.items() if k == "authorization"}
         if path == "/generate_stream" or (path in STREAMABLE and body.get("stream")):
-            stream = server.options(stream=True).stream.remote(path, body)
+            stream = server.options(stream=True).stream.remote(path, body, headers)
             return await _sse_response(stream)
-        return _reply(await server.call.remote("POST", path, body))
+        return _reply(await server.call.remote("POST", path, body, headers))
 
     @app.get("/health")
     async def health(self) -> Response:

@@ -106,19 +106,23 @@ class TGIServer:
     # --- requests -------------------------------------------------------------------
 
     async def call(
-        self, method: str, path: str, request: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        request: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> LauncherReply:
         """One request to a forwardable route; the reply as the launcher gave it (body,
         content type, TGI's x-* headers). Non-200 answers raise TGIError."""
         _check_route(method, path)
-        response = await self._client.request(method, path, json=request)
+        response = await self._client.request(method, path, json=request, headers=headers)
         _raise_for_error(response.status_code, response.content)
         return LauncherReply(
             response.content, response.headers.get("content-type", ""), _tgi_headers(response)
         )
 
     async def stream(
-        self, path: str, request: dict[str, Any]
+        self, path: str, request: dict[str, Any], headers: dict[str, str] | None = None
     ) -> AsyncIterator[dict[str, str] | str]:
         """POST a streaming route; yields the launcher's x-* headers once it has answered,
         then each SSE event verbatim, as TGI framed it (its error events and the OpenAI
@@ -128,7 +132,7 @@ class TGIServer:
         `async with`, which closes the connection, which is how the engine learns to stop.
         """
         _check_route("POST", path)
-        async with self._client.stream("POST", path, json=request) as response:
+        async with self._client.stream("POST", path, json=request, headers=headers) as response:
             if response.status_code != 200:
                 _raise_for_error(response.status_code, await response.aread())
             yield _tgi_headers(response)

@@ -70,6 +70,13 @@ class LauncherArgs(_Strict):
     )
     huggingface_hub_cache: str | None = Field(None, description="Hub cache directory.")
     payload_limit: int | None = Field(None, ge=1, description="Largest request body, bytes.")
+    api_key: str | None = Field(
+        None, min_length=1, description="Bearer token the generation routes require (401)."
+    )
+    cors_allow_origin: list[str] | None = Field(None, description="Origins CORS allows.")
+    max_client_batch_size: int | None = Field(
+        None, ge=1, description="Most prompts in one /v1/completions request (and OpenAI n)."
+    )
     json_output: bool = Field(False, description="Log as JSON lines (a bare switch).")
     otlp_endpoint: str | None = Field(None, description="OpenTelemetry collector endpoint.")
 

@@ -206,6 +206,8 @@ def test_the_ingress_passes_tgis_contract_through(serve_run):
     chat = {"messages": [{"role": "user", "content": QUESTION}]}
     templated = httpx.post(f"{BASE_URL}/chat_tokenize", json=chat).json()["templated_text"]
     assert templated.endswith(CHAT_PROMPT)  # after the template's default system prompt
+    assert httpx.get(f"{BASE_URL}/docs").status_code == 200
+    assert "/generate_stream" in httpx.get(f"{BASE_URL}/api-doc/openapi.json").json()["paths"]
     metrics = httpx.get(f"{BASE_URL}/metrics").text
     assert "# TYPE tgi_request_count counter" in metrics
     assert "tgi_batch_inference_count" in metrics
