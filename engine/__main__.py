@@ -77,6 +77,7 @@ def build(args):
             max_batch_prefill_tokens=args.max_batch_prefill_tokens,
             max_batch_size=args.max_batch_size,
             waiting_served_ratio=args.waiting_served_ratio,
+            enable_prefix_caching=args.prefix_caching,
             max_waiting_tokens=args.max_waiting_tokens,
             dtype=args.dtype,
         )
@@ -96,6 +97,7 @@ def build(args):
         args.max_input_tokens, args.max_total_tokens, args.max_batch_total_tokens
     )
     async_engine = AsyncEngine(engine, metrics)
+    metrics.track_prefix_cache(lambda: async_engine.stats)
     service = TextGenerationService(
         async_engine, tokenizer, eos_token_ids(model_dir), limits, metrics
     )

@@ -49,6 +49,8 @@ FLAGS = [
     Flag("max-batch-total-tokens", int, None, "KV cache capacity in tokens"),
     Flag("max-waiting-tokens", int, 20, "Decode steps after which waiters join anyway"),
     Flag("max-batch-size", int, None, "Most sequences in the running batch"),
+    # TGI reads PREFIX_CACHING from the environment; the flag spells the same switch.
+    Flag("prefix-caching", bool, True, "Reuse the KV cache of shared prompt prefixes"),
     Flag("cuda-graphs", str, None, "", implemented=False),
     Flag("hostname", str, "0.0.0.0", "Address to listen on"),
     Flag("port", int, 3000, "Port to listen on"),

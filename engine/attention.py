@@ -19,7 +19,11 @@ class AttentionMetadata:
     is_prefill: bool
     slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V is written to
     # Prefill: the batch packs whole sequences back to back, each attends causally to itself.
-    seq_lens: list[int] | None = None  # [b] tokens per packed sequence
+    seq_lens: list[int] | None = None  # [b] new tokens per packed sequence
+    # With a prefix cache hit, a sequence's first cached_lens[i] tokens are already in the
+    # cache: its new tokens attend to those too, read through prefill_context_slots[i].
+    cached_lens: list[int] | None = None  # [b]; None when no sequence has a cached prefix
+    prefill_context_slots: list[torch.Tensor] | None = None  # [b] x [cached + new]
     # Decode: one new token per sequence, attending to its whole context through the cache.
     # [b * max_context_len] cache slot of each context position; padding repeats slot 0.
     context_slots: torch.Tensor | None = None
@@ -44,23 +48,50 @@ def prefill_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    seq_lens: list[int],
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Causal attention within each packed sequence (the prompt's K/V are all fresh)."""
+    """Causal attention of each packed sequence's new tokens over its whole context: the new
+    tokens themselves (fresh K/V) and, after a prefix cache hit, its cached prefix."""
+    assert meta.seq_lens is not None
     outs = []
-    for q_s, k_s, v_s in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=True):
-        # [1, heads, len, head_dim] views, as SDPA wants them
-        o = F.scaled_dot_product_attention(
-            q_s.transpose(0, 1)[None],
-            k_s.transpose(0, 1)[None],
-            v_s.transpose(0, 1)[None],
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
-        )
-        outs.append(o[0].transpose(0, 1))  # [len, heads, head_dim]
+    splits = zip(q.split(meta.seq_lens), k.split(meta.seq_lens), v.split(meta.seq_lens),
+                 strict=True)  # fmt: skip
+    for i, (q_s, k_s, v_s) in enumerate(splits):
+        num_cached = meta.cached_lens[i] if meta.cached_lens else 0
+        if num_cached:  # the whole context, prefix included, read back from the cache
+            assert meta.prefill_context_slots is not None
+            k_s = _context(k_cache, meta.prefill_context_slots[i])
+            v_s = _context(v_cache, meta.prefill_context_slots[i])
+        outs.append(_causal_attention(q_s, k_s, v_s, num_cached, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _context(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    num_kv_heads, head_dim = cache.shape[2:]
+    return cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)  # [ctx, kv_h, d]
+
+
+def _causal_attention(
+    q: torch.Tensor,  # [new, num_heads, head_dim], the last `new` positions of the context
+    k: torch.Tensor,  # [num_cached + new, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_cached + new, num_kv_heads, head_dim]
+    num_cached: int,
+    scale: float,
+) -> torch.Tensor:  # [new, num_heads, head_dim]
+    mask = None
+    if num_cached:  # new token i sees context positions <= num_cached + i
+        new, ctx = q.shape[0], k.shape[0]
+        rows = torch.arange(new, device=q.device)[:, None] + num_cached
+        mask = torch.arange(ctx, device=q.device)[None] <= rows  # [new, ctx]
+    # [1, heads, len, head_dim] views, as SDPA wants them
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+    )  # fmt: skip
+    return o[0].transpose(0, 1)
 
 
 def gather_kv(

@@ -15,6 +15,7 @@ class EngineConfig:
     # TGI's rule for letting waiting requests into a running batch (a prefill pauses every
     # running sequence): only when at least waiting_served_ratio x running requests wait,
     # or when they have waited max_waiting_tokens decode steps.
+    enable_prefix_caching: bool = True  # reuse the KV of shared prompt prefixes
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     block_size: int = 16

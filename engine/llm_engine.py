@@ -25,6 +25,8 @@ class EngineStats:
     num_batch_max_tokens: int  # tokens they may grow to (prompt + max_new_tokens each)
     num_free_blocks: int
     num_total_blocks: int
+    num_prefix_lookups: int  # full prompt blocks looked up in the prefix cache, since start
+    num_prefix_hits: int  # ... and found there
     max_batch_total_tokens: int
 
 
@@ -57,6 +59,8 @@ class LLMEngine:
             return []
         self.last_step_was_prefill = is_prefill  # for metrics: TGI's {method} label
         out = self.model_runner.run(seqs, is_prefill)
+        if is_prefill:  # their KV is in the cache now: later prompts may reuse it
+            self.scheduler.register_computed_blocks(seqs)
         self.scheduler.postprocess(seqs, out.token_ids)
         steps = []
         for i, seq in enumerate(seqs):
@@ -83,5 +87,7 @@ class LLMEngine:
             num_batch_max_tokens=sum(seq.max_num_tokens for seq in scheduler.running),
             num_free_blocks=scheduler.block_manager.num_free_blocks,
             num_total_blocks=scheduler.block_manager.num_total_blocks,
+            num_prefix_lookups=scheduler.block_manager.num_prefix_lookups,
+            num_prefix_hits=scheduler.block_manager.num_prefix_hits,
             max_batch_total_tokens=self.config.max_batch_total_tokens,
         )

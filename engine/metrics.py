@@ -6,6 +6,7 @@ from prometheus-client's collected families.
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.utils import floatToGoString
 
 # TGI's buckets: durations grow geometrically from 0.15 ms; lengths in 100ths of the limit.
@@ -85,6 +86,11 @@ class EngineMetrics:
             "tgi_batch_inference_duration", "Engine step, s", ("method",)
         )
 
+    def track_prefix_cache(self, read_stats) -> None:
+        """Expose the prefix cache's lookups and hits, read from `read_stats()` (an
+        EngineStats) at each scrape."""
+        self.registry.register(_PrefixCacheCounters(read_stats))
+
     def render(self) -> bytes:
         """The Prometheus text format, counters named as TGI names them."""
         lines = []
@@ -100,6 +106,24 @@ class EngineMetrics:
                 labels = f"{{{labels}}}" if labels else ""
                 lines.append(f"{sample_name}{labels} {floatToGoString(sample.value)}")
         return ("\n".join(lines) + "\n").encode()
+
+
+class _PrefixCacheCounters:
+    """Counters the block manager keeps itself, collected when Prometheus scrapes."""
+
+    def __init__(self, read_stats):
+        self._read_stats = read_stats
+
+    def collect(self):
+        stats = self._read_stats()
+        yield CounterMetricFamily(
+            "ray_tgi_prefix_cache_lookups", "Full prompt blocks looked up (not in TGI)",
+            value=stats.num_prefix_lookups,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "ray_tgi_prefix_cache_hits", "Full prompt blocks found cached (not in TGI)",
+            value=stats.num_prefix_hits,
+        )  # fmt: skip
 
 
 def _escape(value: str) -> str:

@@ -128,18 +128,27 @@ class ModelRunner:
     def prepare_prefill(
         self, seqs: list[Sequence]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Pack whole sequences: (input_ids [n], positions [n], metadata with seq_lens)."""
+        """Pack each sequence's uncached tokens (those after its cached prefix):
+        (input_ids [n], positions [n], metadata with seq_lens and the cached contexts)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
+        context_slots: list[list[int]] = []  # per sequence: slots of all its tokens
         for seq in seqs:
-            input_ids.extend(seq.token_ids)
-            positions.extend(range(seq.num_tokens))
-            slot_mapping.extend(self._slots(seq))
+            slots = self._slots(seq)
+            input_ids.extend(seq.token_ids[seq.num_cached_tokens :])
+            positions.extend(range(seq.num_cached_tokens, seq.num_tokens))
+            slot_mapping.extend(slots[seq.num_cached_tokens :])
+            context_slots.append(slots)
+        has_cached = any(seq.num_cached_tokens for seq in seqs)
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=self._tensor(slot_mapping),
-            seq_lens=[seq.num_tokens for seq in seqs],
+            seq_lens=[seq.num_tokens - seq.num_cached_tokens for seq in seqs],
+            cached_lens=[seq.num_cached_tokens for seq in seqs] if has_cached else None,
+            prefill_context_slots=(
+                [self._tensor(slots) for slots in context_slots] if has_cached else None
+            ),
         )
         return self._tensor(input_ids), self._tensor(positions), meta
 
@@ -184,10 +193,12 @@ class ModelRunner:
         targets: list[int] = []  # the token each of those positions predicts
         start = 0
         for seq in seqs:
+            # The block manager never serves a cached prefix to these sequences, so all of
+            # their tokens are in this batch.
             if seq.needs_prefill_logprobs:
                 rows.extend(range(start, start + seq.num_tokens - 1))
                 targets.extend(seq.token_ids[1:])
-            start += seq.num_tokens
+            start += seq.num_tokens - seq.num_cached_tokens
         if not rows:
             return [None] * len(seqs)
         logprobs: list[float] = []  # [r]

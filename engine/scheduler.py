@@ -25,7 +25,9 @@ class Scheduler:
         self.waiting_served_ratio = config.waiting_served_ratio
         self.max_waiting_tokens = config.max_waiting_tokens
         self.num_steps_waited = 0  # decode steps run while requests waited
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            config.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.waiting: deque[Sequence] = deque()  # FIFO; preempted sequences go to the front
         self.running: deque[Sequence] = deque()  # oldest first, so the newest is running[-1]
         self._seqs: dict[str, Sequence] = {}  # every unfinished sequence, by request id
@@ -134,6 +136,10 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def register_computed_blocks(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.block_manager.register_computed_blocks(seq)
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
         """Append each sequence's new token; finish (and free) those that are done."""

@@ -30,6 +30,8 @@ class Sequence:
         self.params = params
         self.block_size = block_size
         self.block_table: list[int] = []
+        # Leading tokens whose KV a prefix cache hit supplied at allocation (block multiple).
+        self.num_cached_tokens = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
 

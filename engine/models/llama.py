@@ -113,8 +113,7 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_prefill:
-            assert meta.seq_lens is not None
-            o = prefill_attention(q, k, v, meta.seq_lens, self.scale)
+            o = prefill_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         else:
             o = decode_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.reshape(n, self.q_size))  # o: [num_tokens, heads, head_dim]

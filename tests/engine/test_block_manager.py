@@ -75,3 +75,65 @@ def test_cannot_append_when_no_block_is_free():
         bm.may_append(seq)
     bm.deallocate(seq)
     assert bm.num_free_blocks == 1
+
+
+# --- prefix cache -------------------------------------------------------------------------
+
+
+def seq_of(ids: list[int], request_id: str = "r") -> Sequence:
+    return Sequence(request_id, ids, SamplingParams(max_new_tokens=8), BLOCK_SIZE)
+
+
+def test_a_shared_prefix_hits_full_blocks_only_after_they_are_computed():
+    bm = BlockManager(num_blocks=16, block_size=BLOCK_SIZE)
+    first = seq_of(list(range(10)), "a")  # blocks [0-3] [4-7] [8,9]
+    bm.allocate(first)
+    early = seq_of(list(range(10)), "early")
+    bm.allocate(early)  # same prompt, but first's KV is not computed yet: no hit
+    assert early.num_cached_tokens == 0
+    bm.register_computed_blocks(first)
+    second = seq_of(list(range(8)) + [42, 43, 44], "b")
+    bm.allocate(second)
+    assert second.num_cached_tokens == 8 and second.block_table[:2] == first.block_table[:2]
+    assert [bm.ref_counts[b] for b in first.block_table[:2]] == [2, 2]
+    whole = seq_of(list(range(8)), "c")  # the last token is always computed
+    bm.allocate(whole)
+    assert whole.num_cached_tokens == 4
+    # a lookup stops at the first miss: a, early 1 each (miss), b 2 (hits), c 1 (hit)
+    assert (bm.num_prefix_lookups, bm.num_prefix_hits) == (5, 3)
+
+
+def test_freed_blocks_stay_hittable_until_reused():
+    bm = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    first = seq_of(list(range(9)), "a")
+    bm.allocate(first)
+    bm.register_computed_blocks(first)
+    bm.deallocate(first)
+    assert bm.num_free_blocks == 4
+    again = seq_of(list(range(9)), "b")
+    bm.allocate(again)
+    assert again.num_cached_tokens == 8 and bm.num_free_blocks == 1
+    bm.deallocate(again)
+    other = seq_of([7] * 16, "c")  # takes every block: the old content is gone
+    bm.allocate(other)
+    bm.deallocate(other)
+    late = seq_of(list(range(9)), "d")
+    bm.allocate(late)
+    assert late.num_cached_tokens == 0
+
+
+def test_a_different_prefix_misses_and_caching_can_be_off():
+    bm = BlockManager(num_blocks=8, block_size=BLOCK_SIZE)
+    first = seq_of(list(range(9)), "a")
+    bm.allocate(first)
+    bm.register_computed_blocks(first)
+    other = seq_of([0, 1, 2, 99, 4, 5, 6, 7, 8], "b")  # differs in the first block
+    bm.allocate(other)
+    assert other.num_cached_tokens == 0
+    off = BlockManager(num_blocks=8, block_size=BLOCK_SIZE, enable_prefix_caching=False)
+    first = seq_of(list(range(9)), "a")
+    off.allocate(first)
+    off.register_computed_blocks(first)
+    again = seq_of(list(range(9)), "b")
+    off.allocate(again)
+    assert again.num_cached_tokens == 0 and off.num_prefix_lookups == 0

@@ -130,3 +130,17 @@ def test_a_client_gone_mid_stream_leaves_the_batch_and_frees_its_blocks(client):
     while gauges() != idle and time.monotonic() < deadline:
         time.sleep(0.1)
     assert gauges() == idle
+
+
+def test_metrics_count_prefix_cache_lookups_and_hits(client):
+    def counter(name: str) -> float:
+        lines = client.get("/metrics").text.splitlines()
+        return float(next(line.split(" ")[1] for line in lines if line.startswith(name + " ")))
+
+    before = counter("ray_tgi_prefix_cache_hits")
+    body = {"inputs": "The quick brown fox jumps over the lazy dog. " * 3,
+            "parameters": {"max_new_tokens": 2}}  # fmt: skip
+    for _ in range(2):  # the second run finds the first one's full blocks
+        assert client.post("/generate", json=body).status_code == 200
+    assert counter("ray_tgi_prefix_cache_hits") > before
+    assert counter("ray_tgi_prefix_cache_lookups") >= counter("ray_tgi_prefix_cache_hits")
