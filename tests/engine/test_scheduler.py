@@ -188,3 +188,24 @@ def test_waiters_join_a_running_batch_only_by_tgis_ratio_or_after_max_waiting_to
     scheduler.add(make_seq("b", 4, max_new_tokens=50))
     scheduler.add(make_seq("c", 4, max_new_tokens=50))  # 3 waiting >= 0.5 x 5 running
     assert step(scheduler) == (["a", "b", "c"], True)
+
+
+def test_no_starvation_under_continuous_arrivals():
+    """A request arrives every step for 200 steps; each is let in within max_waiting_tokens
+    decode steps (plus the prefill itself), and all of them finish."""
+    config = EngineConfig(model_dir="unused", max_batch_total_tokens=4096,
+                          max_batch_prefill_tokens=64, block_size=BLOCK_SIZE,
+                          waiting_served_ratio=1.2, max_waiting_tokens=5)  # fmt: skip
+    scheduler = Scheduler(config)
+    arrived, started = {}, {}
+    for t in range(400):
+        if t < 200:
+            scheduler.add(make_seq(f"r{t}", 6, max_new_tokens=30))
+            arrived[f"r{t}"] = t
+        ids, is_prefill = step(scheduler)
+        if is_prefill:
+            started.update({i: t for i in ids if i not in started})
+        if t >= 200 and not scheduler.has_unfinished_seqs():
+            break
+    assert not scheduler.has_unfinished_seqs() and len(started) == 200
+    assert max(started[i] - arrived[i] for i in arrived) <= config.max_waiting_tokens + 1
