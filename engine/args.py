@@ -129,11 +129,6 @@ def resolve_token_limits(args: argparse.Namespace, max_position_embeddings: int)
             f"`max_input_tokens` ({args.max_input_tokens}) must be < "
             f"`max_total_tokens` ({args.max_total_tokens})"
         )
-    if args.max_batch_prefill_tokens < args.max_input_tokens:
-        raise ValueError(
-            f"`max_batch_prefill_tokens` ({args.max_batch_prefill_tokens}) must be >= "
-            f"`max_input_tokens` ({args.max_input_tokens})"
-        )
     if args.max_batch_total_tokens < args.max_total_tokens:
         raise ValueError(
             f"`max_batch_total_tokens` ({args.max_batch_total_tokens}) must be >= "

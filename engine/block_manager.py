@@ -86,12 +86,12 @@ class BlockManager:
         return block
 
     def register_computed_blocks(self, seq: Sequence) -> None:
-        """Make the sequence's full blocks findable by later requests, now that their KV is
-        in the cache (called after its prefill ran)."""
+        """Make the sequence's full, computed blocks findable by later requests, now that
+        their KV is in the cache (called after each prefill step)."""
         if not self.enable_prefix_caching:
             return
         key = None
-        for i in range(seq.num_tokens // self.block_size):
+        for i in range(seq.num_cached_tokens // self.block_size):
             ids = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             key = hash((key, ids))
             block = seq.block_table[i]

@@ -53,14 +53,15 @@ class LLMEngine:
         return self.scheduler.has_unfinished_seqs()
 
     def step(self) -> list[TokenStep]:
-        """Run one prefill or decode step; one TokenStep per sequence in it ([] when idle)."""
+        """Run one prefill or decode step; one TokenStep per sequence that produced a token
+        in it (a prompt chunk short of the prompt's end produces none); [] when idle."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
         self.last_step_was_prefill = is_prefill  # for metrics: TGI's {method} label
         out = self.model_runner.run(seqs, is_prefill)
-        if is_prefill:  # their KV is in the cache now: later prompts may reuse it
-            self.scheduler.register_computed_blocks(seqs)
+        if is_prefill:
+            seqs = self.scheduler.finish_prefill(seqs)
         self.scheduler.postprocess(seqs, out.token_ids)
         steps = []
         for i, seq in enumerate(seqs):
@@ -80,11 +81,12 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
+        batch = [*scheduler.running, *scheduler.prefilling]
         return EngineStats(
             num_waiting=len(scheduler.waiting),
-            num_running=len(scheduler.running),
-            num_batch_tokens=sum(seq.num_tokens for seq in scheduler.running),
-            num_batch_max_tokens=sum(seq.max_num_tokens for seq in scheduler.running),
+            num_running=len(scheduler.running) + len(scheduler.prefilling),
+            num_batch_tokens=sum(seq.num_tokens for seq in batch),
+            num_batch_max_tokens=sum(seq.max_num_tokens for seq in batch),
             num_free_blocks=scheduler.block_manager.num_free_blocks,
             num_total_blocks=scheduler.block_manager.num_total_blocks,
             num_prefix_lookups=scheduler.block_manager.num_prefix_lookups,

@@ -76,7 +76,8 @@ def load_model(
 
 @dataclass(frozen=True)
 class RunOutput:
-    """What one step produced, one entry per scheduled sequence, in order."""
+    """What one step produced, one entry per sequence that sampled (every decoding one; a
+    prefilling one only when its chunk ends its prompt), in order."""
 
     token_ids: list[int]
     logprobs: list[float]  # of token_ids under the processed distribution
@@ -128,23 +129,24 @@ class ModelRunner:
     def prepare_prefill(
         self, seqs: list[Sequence]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Pack each sequence's uncached tokens (those after its cached prefix):
+        """Pack each sequence's prompt chunk (the prefill_chunk tokens after its cached ones):
         (input_ids [n], positions [n], metadata with seq_lens and the cached contexts)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         context_slots: list[list[int]] = []  # per sequence: slots of all its tokens
         for seq in seqs:
-            slots = self._slots(seq)
-            input_ids.extend(seq.token_ids[seq.num_cached_tokens :])
-            positions.extend(range(seq.num_cached_tokens, seq.num_tokens))
-            slot_mapping.extend(slots[seq.num_cached_tokens :])
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.prefill_chunk
+            slots = self._slots(seq)[:end]
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_mapping.extend(slots[start:])
             context_slots.append(slots)
         has_cached = any(seq.num_cached_tokens for seq in seqs)
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=self._tensor(slot_mapping),
-            seq_lens=[seq.num_tokens - seq.num_cached_tokens for seq in seqs],
+            seq_lens=[seq.prefill_chunk for seq in seqs],
             cached_lens=[seq.num_cached_tokens for seq in seqs] if has_cached else None,
             prefill_context_slots=(
                 [self._tensor(slots) for slots in context_slots] if has_cached else None
@@ -198,7 +200,7 @@ class ModelRunner:
             if seq.needs_prefill_logprobs:
                 rows.extend(range(start, start + seq.num_tokens - 1))
                 targets.extend(seq.token_ids[1:])
-            start += seq.num_tokens - seq.num_cached_tokens
+            start += seq.prefill_chunk
         if not rows:
             return [None] * len(seqs)
         logprobs: list[float] = []  # [r]
@@ -227,10 +229,17 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [n, hidden]
         prefill_logprobs: list[tuple[float | None, ...] | None] = [None] * len(seqs)
         if is_prefill:
+            # Only sequences whose chunk ends their prompt sample; the others read on later.
             assert meta.seq_lens is not None
             prefill_logprobs = self._prefill_logprobs(hidden, seqs)
-            last = torch.tensor(meta.seq_lens).cumsum(0) - 1
-            hidden = hidden[last.to(self.device)]  # [b, hidden]
+            last = (torch.tensor(meta.seq_lens).cumsum(0) - 1).tolist()
+            rows = [row for row, seq in zip(last, seqs, strict=True) if seq.completes_prefill]
+            prefill_logprobs = [lp for lp, seq in zip(prefill_logprobs, seqs, strict=True)
+                                if seq.completes_prefill]  # fmt: skip
+            seqs = [seq for seq in seqs if seq.completes_prefill]
+            if not seqs:
+                return RunOutput([], [], [], [])
+            hidden = hidden[self._tensor(rows)]  # [b, hidden]
         logits = self.model.compute_logits(hidden)  # [b, vocab]
         sampled = self.sampler(logits, seqs)
         return RunOutput(

@@ -1,10 +1,13 @@
 """`Scheduler`: continuous batching over a paged KV cache (plain Python, no torch).
 
-Each step is either a prefill of waiting sequences or one decode token for every running
-sequence. Prefill wins whenever a waiting sequence fits, so requests join between decode
-steps; finished sequences leave at once. When a decode step cannot get a block, the newest
-running sequence is preempted: its blocks are freed and it goes back to the front of the
-queue, to be recomputed later from its prompt plus the tokens it has generated so far.
+Each step is either a prefill or one decode token for every running sequence. A prefill step
+computes up to --max-batch-prefill-tokens prompt tokens: long prompts are split into chunks
+over several prefill steps, with a decode step of the running sequences between two chunks,
+so decodes keep flowing while a long prompt is read. Waiting sequences join between decode
+steps by TGI's rule (see EngineConfig.waiting_served_ratio); finished sequences leave at
+once. When a decode step cannot get a block, the newest running sequence is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed later from its
+prompt plus the tokens it has generated so far.
 """
 
 from collections import deque
@@ -30,6 +33,8 @@ class Scheduler:
         )
         self.waiting: deque[Sequence] = deque()  # FIFO; preempted sequences go to the front
         self.running: deque[Sequence] = deque()  # oldest first, so the newest is running[-1]
+        self.prefilling: deque[Sequence] = deque()  # hold all their blocks, prompt partly read
+        self._last_step_was_prefill = False
         self._seqs: dict[str, Sequence] = {}  # every unfinished sequence, by request id
 
     @property
@@ -45,10 +50,11 @@ class Scheduler:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         if seq.params.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if seq.num_prompt_tokens > self.max_batch_prefill_tokens:
-            raise ValueError(
-                f"prompt has {seq.num_prompt_tokens} tokens, more than "
-                f"max_batch_prefill_tokens={self.max_batch_prefill_tokens}"
+        if seq.params.prefill_logprobs and seq.num_prompt_tokens > self.max_batch_prefill_tokens:
+            raise ValueError(  # their logprobs come from one prefill step, never chunked
+                f"decoder_input_details needs the whole prompt in one prefill: it has "
+                f"{seq.num_prompt_tokens} tokens, max_batch_prefill_tokens is "
+                f"{self.max_batch_prefill_tokens}"
             )
         if seq.max_num_tokens > self.num_cache_tokens:
             raise ValueError(
@@ -64,22 +70,31 @@ class Scheduler:
         seq = self._seqs.get(request_id)
         if seq is None:
             return None
-        queue = self.waiting if seq.status is SequenceStatus.WAITING else self.running
-        queue.remove(seq)
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq in self.prefilling:
+            self.prefilling.remove(seq)
+        else:
+            self.running.remove(seq)
         self._release(seq)
         return seq
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Pick the next batch: (sequences, is_prefill); ([], False) when there is no work."""
-        if self._may_join() and (prefill := self._schedule_prefill()):
+        # Between two chunks of a long prompt, the running sequences decode once.
+        decode_first = self.prefilling and self.running and self._last_step_was_prefill
+        if not decode_first and (prefill := self._schedule_prefill(self._may_join())):
             self.num_steps_waited = 0
+            self._last_step_was_prefill = True
             return prefill, True
+        self._last_step_was_prefill = False
         if decode := self._schedule_decode():
             if self.waiting:
                 self.num_steps_waited += 1
             return decode, False
         # A lone sequence that preempted itself fits the now empty cache: recompute it.
-        if prefill := self._schedule_prefill():
+        if prefill := self._schedule_prefill(admit_waiting=True):
+            self._last_step_was_prefill = True
             return prefill, True
         return [], False
 
@@ -94,27 +109,51 @@ class Scheduler:
     def _has_batch_slot(self, num_seqs: int) -> bool:
         return self.max_batch_size is None or num_seqs < self.max_batch_size
 
-    def _schedule_prefill(self) -> list[Sequence]:
+    def _schedule_prefill(self, admit_waiting: bool) -> list[Sequence]:
+        """Chunks of partly read prompts first, then waiting sequences, within the budget."""
         scheduled: list[Sequence] = []
-        num_batched_tokens = 0
-        while self.waiting and self._has_batch_slot(len(self.running) + len(scheduled)):
-            seq = self.waiting[0]
-            # The prefill budget caps batching; it never blocks a batch's first sequence (a
-            # preempted one is recomputed with its generated tokens and may exceed it).
-            if scheduled and num_batched_tokens + seq.num_tokens > self.max_batch_prefill_tokens:
+        budget = self.max_batch_prefill_tokens
+        for seq in self.prefilling:
+            if budget == 0:
                 break
+            seq.prefill_chunk = min(seq.num_uncomputed_tokens, budget)
+            budget -= seq.prefill_chunk
+            scheduled.append(seq)
+        num_admitted = 0
+        while admit_waiting and budget and self.waiting:
+            if not self._has_batch_slot(len(self.running) + len(self.prefilling)):
+                break
+            seq = self.waiting[0]
+            if seq.params.prefill_logprobs and scheduled and seq.num_tokens > budget:
+                break  # its prompt must fit one step (see add)
             # Keep one block per running sequence free for its next decode token, so that
             # admitting a request does not immediately force a preemption.
-            num_reserved = len(self.running) + len(scheduled)
+            num_reserved = len(self.running) + num_admitted
             if not self.block_manager.can_allocate(seq, num_reserved):
                 break
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq)  # all its blocks; a prefix hit fills some
             seq.status = SequenceStatus.RUNNING
-            num_batched_tokens += seq.num_tokens
+            seq.prefill_chunk = min(seq.num_uncomputed_tokens, budget)
+            budget -= seq.prefill_chunk
             self.waiting.popleft()
+            self.prefilling.append(seq)
             scheduled.append(seq)
-        self.running.extend(scheduled)
+            num_admitted += 1
         return scheduled
+
+    def finish_prefill(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Account a prefill step: its chunks are in the cache now. Returns the sequences
+        whose whole prompt is read, which have sampled a token and now decode."""
+        completed = []
+        for seq in seqs:
+            seq.num_cached_tokens += seq.prefill_chunk
+            seq.prefill_chunk = 0
+            self.block_manager.register_computed_blocks(seq)
+            if seq.num_cached_tokens == seq.num_tokens:
+                self.prefilling.remove(seq)
+                self.running.append(seq)
+                completed.append(seq)
+        return completed
 
     def _schedule_decode(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
@@ -136,10 +175,6 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
-
-    def register_computed_blocks(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            self.block_manager.register_computed_blocks(seq)
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
         """Append each sequence's new token; finish (and free) those that are done."""

@@ -30,8 +30,10 @@ class Sequence:
         self.params = params
         self.block_size = block_size
         self.block_table: list[int] = []
-        # Leading tokens whose KV a prefix cache hit supplied at allocation (block multiple).
+        # Leading tokens whose KV is in the cache: a prefix cache hit's, then each prefill
+        # chunk's. A decoding sequence has all but its newest token computed.
         self.num_cached_tokens = 0
+        self.prefill_chunk = 0  # tokens the current prefill step computes (set by the scheduler)
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
 
@@ -79,6 +81,15 @@ class Sequence:
         """Asked for prompt logprobs and not yet given them: only a request's first prefill has
         no generated token (a preempted sequence is recomputed with at least one)."""
         return self.params.prefill_logprobs and self.num_completion_tokens == 0
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_cached_tokens
+
+    @property
+    def completes_prefill(self) -> bool:
+        """Whether the current prefill chunk reaches the last token (which then samples)."""
+        return self.num_cached_tokens + self.prefill_chunk == self.num_tokens
 
     @property
     def is_finished(self) -> bool:

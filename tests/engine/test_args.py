@@ -35,7 +35,6 @@ def test_token_limits_are_derived_like_tgi():
     "argv, message",
     [
         (["--max-input-tokens", "100", "--max-total-tokens", "100"], "max_input_tokens"),
-        (["--max-input-tokens", "100", "--max-batch-prefill-tokens", "50"], "prefill"),
         (["--max-total-tokens", "4096", "--max-batch-total-tokens", "1024"], "batch_total"),
     ],
 )
@@ -43,3 +42,11 @@ def test_inconsistent_token_limits_are_rejected(argv, message):
     args = parse_launcher_args(argv, {})
     with pytest.raises(ValueError, match=message):
         resolve_token_limits(args, max_position_embeddings=8192)
+
+
+def test_prompts_longer_than_the_prefill_budget_are_allowed_they_are_chunked():
+    args = parse_launcher_args(
+        ["--max-input-tokens", "100", "--max-batch-prefill-tokens", "50"], {}
+    )
+    resolve_token_limits(args, max_position_embeddings=8192)
+    assert (args.max_input_tokens, args.max_batch_prefill_tokens) == (100, 50)

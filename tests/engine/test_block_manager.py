@@ -84,6 +84,12 @@ def seq_of(ids: list[int], request_id: str = "r") -> Sequence:
     return Sequence(request_id, ids, SamplingParams(max_new_tokens=8), BLOCK_SIZE)
 
 
+def prefilled(bm: BlockManager, seq: Sequence) -> None:
+    """What a prefill step does for the block manager: the tokens are computed, register."""
+    seq.num_cached_tokens = seq.num_tokens
+    bm.register_computed_blocks(seq)
+
+
 def test_a_shared_prefix_hits_full_blocks_only_after_they_are_computed():
     bm = BlockManager(num_blocks=16, block_size=BLOCK_SIZE)
     first = seq_of(list(range(10)), "a")  # blocks [0-3] [4-7] [8,9]
@@ -91,7 +97,7 @@ def test_a_shared_prefix_hits_full_blocks_only_after_they_are_computed():
     early = seq_of(list(range(10)), "early")
     bm.allocate(early)  # same prompt, but first's KV is not computed yet: no hit
     assert early.num_cached_tokens == 0
-    bm.register_computed_blocks(first)
+    prefilled(bm, first)
     second = seq_of(list(range(8)) + [42, 43, 44], "b")
     bm.allocate(second)
     assert second.num_cached_tokens == 8 and second.block_table[:2] == first.block_table[:2]
@@ -107,7 +113,7 @@ def test_freed_blocks_stay_hittable_until_reused():
     bm = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
     first = seq_of(list(range(9)), "a")
     bm.allocate(first)
-    bm.register_computed_blocks(first)
+    prefilled(bm, first)
     bm.deallocate(first)
     assert bm.num_free_blocks == 4
     again = seq_of(list(range(9)), "b")
@@ -126,14 +132,14 @@ def test_a_different_prefix_misses_and_caching_can_be_off():
     bm = BlockManager(num_blocks=8, block_size=BLOCK_SIZE)
     first = seq_of(list(range(9)), "a")
     bm.allocate(first)
-    bm.register_computed_blocks(first)
+    prefilled(bm, first)
     other = seq_of([0, 1, 2, 99, 4, 5, 6, 7, 8], "b")  # differs in the first block
     bm.allocate(other)
     assert other.num_cached_tokens == 0
     off = BlockManager(num_blocks=8, block_size=BLOCK_SIZE, enable_prefix_caching=False)
     first = seq_of(list(range(9)), "a")
     off.allocate(first)
-    off.register_computed_blocks(first)
+    prefilled(off, first)
     again = seq_of(list(range(9)), "b")
     off.allocate(again)
     assert again.num_cached_tokens == 0 and off.num_prefix_lookups == 0

@@ -56,3 +56,25 @@ def test_prefix_hits_at_block_boundaries_match_hf(default_model_dir):
     assert engine.stats().num_prefix_hits == 2 + 3 + 4 + 4
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks  # shared blocks freed once each
+
+
+@pytest.mark.parametrize("prefill_budget", [5, 6, 8])
+def test_chunked_prefill_with_prefix_hits_matches_hf(default_model_dir, prefill_budget):
+    """Prompts read in chunks of 5, 6 or 8 tokens (across, before and on block boundaries),
+    some starting from a cached prefix, while others decode: still HF's tokens."""
+    ids = AutoTokenizer.from_pretrained(default_model_dir)(TEXT)["input_ids"]
+    prompts = {f"s{s}": ids[: 12 + s] for s in (0, 4, 5, 7)}
+    prompts["long"] = ids  # longer than any budget: several chunks
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = {name: hf_greedy(model, p) for name, p in prompts.items()}
+
+    config = EngineConfig(model_dir=str(default_model_dir), block_size=BLOCK_SIZE,
+                          max_batch_total_tokens=512, max_batch_prefill_tokens=prefill_budget,
+                          waiting_served_ratio=0.0)  # fmt: skip
+    engine = LLMEngine(config)
+    run(engine, {"warm": ids[:13]})  # caches the first three blocks
+    assert run(engine, prompts) == expected
+    assert engine.stats().num_prefix_hits > 0
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks

@@ -30,8 +30,11 @@ def make_seq(request_id: str, num_prompt_tokens: int, max_new_tokens: int = 4) -
 def step(scheduler: Scheduler, token_id: int = 7) -> tuple[list[str], bool]:
     """One engine step with a fake model that always produces `token_id`."""
     seqs, is_prefill = scheduler.schedule()
+    ids = [seq.request_id for seq in seqs]
+    if is_prefill:  # as LLMEngine.step: only sequences done reading their prompt sample
+        seqs = scheduler.finish_prefill(seqs)
     scheduler.postprocess(seqs, [token_id] * len(seqs))
-    return [seq.request_id for seq in seqs], is_prefill
+    return ids, is_prefill
 
 
 def run_to_completion(scheduler: Scheduler, max_steps: int = 1000) -> int:
@@ -71,13 +74,24 @@ def test_eos_finishes_and_frees():
     assert_all_blocks_free(scheduler)
 
 
-def test_prefill_budget_limits_the_batch():
+def test_prefill_budget_chunks_a_prompt_and_decodes_run_between_its_chunks():
     scheduler = make_scheduler(num_tokens=256, prefill=10)
     for i in range(3):
         scheduler.add(make_seq(f"r{i}", 4))
-    assert step(scheduler) == (["r0", "r1"], True)  # 8 tokens; a third would make 12 > 10
-    assert step(scheduler) == (["r2"], True)
+    assert step(scheduler) == (["r0", "r1", "r2"], True)  # 4 + 4 + the first 2 of r2's 4
+    assert scheduler.prefilling[0].num_cached_tokens == 2
+    assert step(scheduler) == (["r0", "r1"], False)  # r0 and r1 decode meanwhile
+    assert step(scheduler) == (["r2"], True)  # the rest of r2's prompt
     assert step(scheduler) == (["r0", "r1", "r2"], False)
+
+
+def test_a_prompt_longer_than_the_budget_is_read_in_chunks():
+    scheduler = make_scheduler(num_tokens=256, prefill=8)
+    scheduler.add(make_seq("long", 20, max_new_tokens=2))
+    assert [step(scheduler) for _ in range(3)] == [(["long"], True)] * 3  # 8 + 8 + 4
+    assert scheduler.running[0].num_completion_tokens == 1  # sampled at the last chunk only
+    assert run_to_completion(scheduler) == 1
+    assert_all_blocks_free(scheduler)
 
 
 def test_max_batch_size_limits_running_sequences():
@@ -163,8 +177,9 @@ def test_rejects_requests_that_can_never_be_served():
     scheduler = make_scheduler(num_tokens=16, prefill=8)
     with pytest.raises(ValueError, match="KV cache"):
         scheduler.add(make_seq("a", 8, max_new_tokens=9))  # 17 tokens > 16
-    with pytest.raises(ValueError, match="max_batch_prefill_tokens"):
-        scheduler.add(make_seq("b", 9, max_new_tokens=1))
+    with pytest.raises(ValueError, match="max_batch_prefill_tokens"):  # never chunked
+        params = SamplingParams(max_new_tokens=1, prefill_logprobs=True)
+        scheduler.add(Sequence("b", [1] * 9, params, BLOCK_SIZE))
     with pytest.raises(ValueError, match="max_new_tokens"):
         scheduler.add(make_seq("c", 2, max_new_tokens=0))
     scheduler.add(make_seq("d", 8, max_new_tokens=8))  # exactly fits
