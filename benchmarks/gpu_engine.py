@@ -145,16 +145,45 @@ def decode_speed(model_dir: Path, weight_bytes: int, batch_sizes: list[int]) -> 
     return rows
 
 
+def memory_sizing(model_dir: Path, fraction: float) -> dict:
+    """KV cache sized from GPU memory (no max_batch_total_tokens), then a full batch run."""
+    engine = LLMEngine(EngineConfig(model_dir=str(model_dir), dtype="bfloat16", device="cuda",
+                                    max_batch_total_tokens=None, cuda_memory_fraction=fraction,
+                                    max_batch_prefill_tokens=4096))  # fmt: skip
+    total = torch.cuda.get_device_properties(0).total_memory
+    after_alloc = torch.cuda.memory_allocated()
+    gen = torch.Generator().manual_seed(3)
+    for i in range(64):  # 64 x (1024 + 32) tokens through the sized cache
+        prompt = torch.randint(3, 128000, (1024,), generator=gen).tolist()
+        engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=32))
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {
+        "cuda_memory_fraction": fraction,
+        "max_batch_total_tokens": engine.config.max_batch_total_tokens,
+        "allocated_after_kv_cache_gib": round(after_alloc / 2**30, 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "total_gib": round(total / 2**30, 2),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/ray-tgi-gpu"))
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--memory-sizing-only", action="store_true")
     args = p.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     import transformers
 
     report["transformers"] = transformers.__version__
+    if args.memory_sizing_only:
+        big, _ = random_model_dir(LLAMA3_8B, args.work_dir / "llama3-8b", torch.bfloat16)
+        report["memory_sizing"] = memory_sizing(big, 0.9)
+        args.out.write_text(json.dumps(report, indent=1))
+        print(report, flush=True)
+        return
     small, _ = random_model_dir(SMOLLM2, args.work_dir / "smollm2", torch.float32)
     report["agreement"] = [agreement(small, "float32"), agreement(small, "bfloat16")]
     print(report["agreement"], flush=True)

@@ -10,7 +10,7 @@ import sys
 
 import uvicorn
 
-from engine.args import parse_launcher_args, resolve_token_limits
+from engine.args import check_batch_total_tokens, parse_launcher_args, resolve_token_limits
 from engine.weights import resolve_model_dir
 
 log = logging.getLogger("engine")
@@ -69,11 +69,16 @@ def build(args):
     model_dir = resolve_model_dir(args.model_id, args.revision, args.huggingface_hub_cache)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model_config = AutoConfig.from_pretrained(model_dir)
-    resolve_token_limits(args, model_config.max_position_embeddings)
+    import torch
+
+    # As TGI on a GPU: with no --max-batch-total-tokens, the KV cache takes what memory is left.
+    on_gpu = torch.cuda.is_available() and args.max_batch_total_tokens is None
+    resolve_token_limits(args, model_config.max_position_embeddings, size_from_memory=on_gpu)
     engine = LLMEngine(
         EngineConfig(
             model_dir=str(model_dir),
             max_batch_total_tokens=args.max_batch_total_tokens,
+            cuda_memory_fraction=args.cuda_memory_fraction,
             max_batch_prefill_tokens=args.max_batch_prefill_tokens,
             max_batch_size=args.max_batch_size,
             waiting_served_ratio=args.waiting_served_ratio,
@@ -82,8 +87,10 @@ def build(args):
             dtype=args.dtype,
         )
     )
-    log.info("model %s loaded from %s; max batch total tokens %d", args.model_id, model_dir,
-             args.max_batch_total_tokens)  # fmt: skip
+    args.max_batch_total_tokens = engine.config.max_batch_total_tokens
+    check_batch_total_tokens(args)
+    log.info("model %s loaded from %s", args.model_id, model_dir)
+    log.info("Setting max batch total tokens to %d", args.max_batch_total_tokens)  # TGI's line
     limits = Limits(
         max_concurrent_requests=args.max_concurrent_requests,
         max_input_tokens=args.max_input_tokens,

@@ -57,7 +57,7 @@ FLAGS = [
     Flag("master-port", int, 29500, "torch.distributed port of the shards", implemented=False),
     Flag("shard-uds-path", str, "/tmp/text-generation-server", "", implemented=False),
     Flag("huggingface-hub-cache", str, None, "Hub cache directory"),
-    Flag("cuda-memory-fraction", float, 1.0, "", implemented=False),
+    Flag("cuda-memory-fraction", float, 1.0, "GPU memory share for weights + KV cache"),
     Flag("json-output", bool, False, "Log as JSON lines"),
     Flag("otlp-endpoint", str, None, "", implemented=False),
     Flag("api-key", str, None, "Bearer token the generation routes require (401 without)"),
@@ -114,21 +114,32 @@ def parse_launcher_args(argv: Sequence[str], environ: Mapping[str, str]) -> argp
     return args
 
 
-def resolve_token_limits(args: argparse.Namespace, max_position_embeddings: int) -> None:
-    """Fill in the token limits TGI derives when they are not given, and check them."""
+def resolve_token_limits(
+    args: argparse.Namespace, max_position_embeddings: int, size_from_memory: bool = False
+) -> None:
+    """Fill in the token limits TGI derives when they are not given, and check them.
+    `size_from_memory`: leave max_batch_total_tokens unset, for the engine to size on the GPU.
+    """
     if args.max_total_tokens is None:
         args.max_total_tokens = max_position_embeddings
     if args.max_input_tokens is None:
         args.max_input_tokens = args.max_total_tokens - 1
     if args.max_batch_prefill_tokens is None:
         args.max_batch_prefill_tokens = args.max_input_tokens + 50
-    if args.max_batch_total_tokens is None:
+    if args.max_batch_total_tokens is None and not size_from_memory:
         args.max_batch_total_tokens = max(DEFAULT_MAX_BATCH_TOTAL_TOKENS_CPU, args.max_total_tokens)
     if args.max_input_tokens >= args.max_total_tokens:
         raise ValueError(
             f"`max_input_tokens` ({args.max_input_tokens}) must be < "
             f"`max_total_tokens` ({args.max_total_tokens})"
         )
+    check_batch_total_tokens(args)
+
+
+def check_batch_total_tokens(args: argparse.Namespace) -> None:
+    """A request of max_total_tokens must fit the KV cache (once its size is known)."""
+    if args.max_batch_total_tokens is None:
+        return
     if args.max_batch_total_tokens < args.max_total_tokens:
         raise ValueError(
             f"`max_batch_total_tokens` ({args.max_batch_total_tokens}) must be >= "

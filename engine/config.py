@@ -9,7 +9,10 @@ class EngineConfig:
     """Static settings of one `LLMEngine` (model, KV cache size, batching limits, device)."""
 
     model_dir: str  # local dir: config.json + *.safetensors (+ tokenizer files)
-    max_batch_total_tokens: int = 16384  # KV cache capacity in tokens
+    # KV cache capacity in tokens; None: as much as fits in cuda_memory_fraction of the GPU
+    # after a warm-up prefill (CUDA only).
+    max_batch_total_tokens: int | None = 16384
+    cuda_memory_fraction: float = 1.0
     max_batch_prefill_tokens: int = 4096  # cap on prompt tokens prefilled in one step
     max_batch_size: int | None = None  # cap on running sequences
     # TGI's rule for letting waiting requests into a running batch (a prefill pauses every
@@ -24,7 +27,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_total_tokens", "max_batch_prefill_tokens", "block_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
@@ -32,4 +35,6 @@ class EngineConfig:
     @property
     def num_kv_blocks(self) -> int:
         """KV cache blocks: enough to hold max_batch_total_tokens tokens."""
+        if self.max_batch_total_tokens is None:
+            raise ValueError("max_batch_total_tokens is sized by the model runner")
         return math.ceil(self.max_batch_total_tokens / self.block_size)

@@ -4,7 +4,7 @@ Single-threaded by design: the HTTP layer drives it from one loop thread, adding
 requests between steps. It works in token ids only (see engine/protocol.py).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -34,10 +34,13 @@ class LLMEngine:
     """Continuous-batching generation over a paged KV cache, one `step()` at a time."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.model_config: PretrainedConfig = AutoConfig.from_pretrained(config.model_dir)
-        self.scheduler = Scheduler(config)
         self.model_runner = ModelRunner(config, self.model_config)
+        if config.max_batch_total_tokens is None:  # sized from GPU memory by the runner
+            num_tokens = self.model_runner.num_kv_blocks * config.block_size
+            config = replace(config, max_batch_total_tokens=num_tokens)
+        self.config = config
+        self.scheduler = Scheduler(config)
         self.last_step_was_prefill = False
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -91,13 +91,49 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: PretrainedConfig) -> None:
         self.block_size = config.block_size
         self.device, self.dtype = resolve_device_dtype(config)
-        num_cache_tokens = config.num_kv_blocks * config.block_size
-        max_positions = max(getattr(model_config, "max_position_embeddings", 0), num_cache_tokens)
+        max_positions = max(
+            getattr(model_config, "max_position_embeddings", 0), config.max_batch_total_tokens or 0
+        )
         self.model = load_model(
             model_config, config.model_dir, max_positions, self.device, self.dtype
         )
-        self.kv_caches = self._allocate_kv_cache(model_config, config.num_kv_blocks)
+        if config.max_batch_total_tokens is None:
+            self.num_kv_blocks = self._blocks_that_fit(model_config, config)
+        else:
+            self.num_kv_blocks = config.num_kv_blocks
+        self.kv_caches = self._allocate_kv_cache(model_config, self.num_kv_blocks)
         self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def _blocks_that_fit(self, model_config: PretrainedConfig, config: EngineConfig) -> int:
+        """KV blocks that fit in cuda_memory_fraction of the GPU next to the weights and the
+        activations of the largest prefill, measured by running one (as TGI's warm-up)."""
+        if self.device.type != "cuda":
+            raise ValueError("give --max-batch-total-tokens: KV cache sizing from memory is "
+                             "for CUDA devices")  # fmt: skip
+        num_tokens = config.max_batch_prefill_tokens
+        warmup_cache = self._allocate_kv_cache(model_config, -(-num_tokens // self.block_size))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        slots = torch.arange(num_tokens, device=self.device)  # [n]
+        meta = AttentionMetadata(is_prefill=True, slot_mapping=slots, seq_lens=[num_tokens])
+        hidden = self.model(torch.zeros_like(slots), slots, warmup_cache, meta)  # [n, hidden]
+        self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        warmup_bytes = sum(k.nbytes + v.nbytes for k, v in warmup_cache)
+        del warmup_cache, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = total * config.cuda_memory_fraction - (peak - warmup_bytes)
+        attn = self.model.layers[0].self_attn
+        bytes_per_block = (2 * model_config.num_hidden_layers * self.block_size
+                           * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize)  # fmt: skip
+        num_blocks = int(budget // bytes_per_block)
+        if num_blocks < 1:
+            raise ValueError(f"no room for a KV cache: peak use {peak} B of {total} B "
+                             f"x {config.cuda_memory_fraction}")  # fmt: skip
+        return num_blocks
 
     def _allocate_kv_cache(self, model_config: PretrainedConfig, num_blocks: int) -> list[KVCache]:
         attn = self.model.layers[0].self_attn

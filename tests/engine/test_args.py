@@ -50,3 +50,22 @@ def test_prompts_longer_than_the_prefill_budget_are_allowed_they_are_chunked():
     )
     resolve_token_limits(args, max_position_embeddings=8192)
     assert (args.max_input_tokens, args.max_batch_prefill_tokens) == (100, 50)
+
+
+def test_gpu_sizing_leaves_the_kv_cache_size_to_the_engine():
+    args = parse_launcher_args(["--max-total-tokens", "4096"], {})
+    resolve_token_limits(args, max_position_embeddings=8192, size_from_memory=True)
+    assert args.max_batch_total_tokens is None
+    explicit = parse_launcher_args(["--max-batch-total-tokens", "9000"], {})
+    resolve_token_limits(explicit, max_position_embeddings=8192, size_from_memory=True)
+    assert explicit.max_batch_total_tokens == 9000
+
+
+def test_sizing_from_memory_is_refused_on_cpu(default_model_dir):
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    config = EngineConfig(model_dir=str(default_model_dir), max_batch_total_tokens=None,
+                          device="cpu")  # fmt: skip
+    with pytest.raises(ValueError, match="give --max-batch-total-tokens"):
+        LLMEngine(config)
