@@ -1,0 +1,55 @@
+"""Where Serve's added latency goes: median latency of three kinds of request straight to the
+engine and through `serve run serve_config.yaml` (proxy -> ingress -> TGIServer -> engine).
+
+    python -m benchmarks.serve_hops
+"""
+
+import signal
+import statistics
+import sys
+import time
+
+import httpx
+
+from benchmarks.serve_vs_direct import SERVE_URL, start_serve_run, wait_for_engine
+
+CASES = [  # (name, path, body, stream)
+    ("tokenize", "/tokenize", {"inputs": "Hello world"}, False),
+    ("generate 1 token", "/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 1}},
+     False),
+    ("first streamed token", "/generate_stream",
+     {"inputs": "Hello", "parameters": {"max_new_tokens": 1}}, True),
+]  # fmt: skip
+
+
+def median_ms(url: str, path: str, body: dict, stream: bool, n: int = 40) -> float:
+    """Median over n requests (after 5 warm-up ones) until the answer, or its first event."""
+    times = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(n + 5):
+            start = time.perf_counter()
+            if stream:
+                with client.stream("POST", url + path, json=body) as response:
+                    next(line for line in response.iter_lines() if line.startswith("data:"))
+            else:
+                client.post(url + path, json=body)
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[5:])
+
+
+def main() -> int:
+    serve_run = start_serve_run()
+    try:
+        direct = wait_for_engine(serve_run)
+        for name, path, body, stream in CASES:
+            d = median_ms(direct, path, body, stream)
+            s = median_ms(SERVE_URL, path, body, stream)
+            print(f"{name:22s} direct {d:7.2f} ms  serve {s:7.2f} ms  added {s - d:6.2f} ms")
+    finally:
+        serve_run.send_signal(signal.SIGINT)
+        serve_run.wait(timeout=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
