@@ -38,10 +38,6 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
-    @property
-    def num_used_blocks(self) -> int:
-        return self.num_total_blocks - self.num_free_blocks
-
     def can_allocate(self, seq: Sequence, num_reserved_blocks: int = 0) -> bool:
         """Whether `seq` can get blocks for all its tokens, leaving `num_reserved_blocks` free
         (prefix hits can only lower what it takes)."""

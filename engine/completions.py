@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from engine.errors import RequestError, ValidationError
 from engine.openai_common import OPENAI_FINISH_REASON, merged_tokens, usage, validate_openai
 from engine.schemas import CompletionRequest
-from engine.service import GeneratedToken, TextGenerationService, ValidRequest
+from engine.service import TextGenerationService, ValidRequest
 from engine.sse import sse_event, sse_response
 
 
@@ -45,30 +45,19 @@ def register(app: FastAPI, service: TextGenerationService, envelope_base: dict) 
                 on_close=lambda: service.release(len(requests)),
             )
         try:
-            results = await asyncio.gather(*(run_to_end(service, r) for r in requests))
+            runs = await asyncio.gather(*(service.generate_all(r) for r in requests))
         finally:
             service.release(len(requests))
         choices = [
-            {"index": i, "text": last.generated_text, "logprobs": None,
-             "finish_reason": OPENAI_FINISH_REASON[last.finish_reason]}
-            for i, (last, _) in enumerate(results)
+            {"index": i, "text": tokens[-1].generated_text, "logprobs": None,
+             "finish_reason": OPENAI_FINISH_REASON[tokens[-1].finish_reason]}
+            for i, tokens in enumerate(runs)
         ]  # fmt: skip
         num_prompt = sum(len(r.prompt_ids) for r in requests)
-        num_generated = sum(n for _, n in results)
+        num_generated = sum(len(tokens) for tokens in runs)
         return JSONResponse(
             {**envelope, "choices": choices, "usage": usage(num_prompt, num_generated)}
         )
-
-
-async def run_to_end(
-    service: TextGenerationService, request: ValidRequest
-) -> tuple[GeneratedToken, int]:
-    """(last token, number of tokens) of one request."""
-    num_generated = 0
-    async for token in service.generate(request):
-        num_generated += 1
-        last = token
-    return last, num_generated
 
 
 async def completion_events(

@@ -87,7 +87,7 @@ class LLMEngine:
         batch = [*scheduler.running, *scheduler.prefilling]
         return EngineStats(
             num_waiting=len(scheduler.waiting),
-            num_running=len(scheduler.running) + len(scheduler.prefilling),
+            num_running=len(batch),
             num_batch_tokens=sum(seq.num_tokens for seq in batch),
             num_batch_max_tokens=sum(seq.max_num_tokens for seq in batch),
             num_free_blocks=scheduler.block_manager.num_free_blocks,

@@ -7,6 +7,7 @@ logprobs for the sequences that ask).
 """
 
 import glob
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,18 +127,22 @@ class ModelRunner:
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = total * config.cuda_memory_fraction - (peak - warmup_bytes)
-        attn = self.model.layers[0].self_attn
-        bytes_per_block = (2 * model_config.num_hidden_layers * self.block_size
-                           * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize)  # fmt: skip
+        # K and V, in every layer
+        block_elements = 2 * model_config.num_hidden_layers * math.prod(self._kv_shape(1))
+        bytes_per_block = block_elements * self.dtype.itemsize
         num_blocks = int(budget // bytes_per_block)
         if num_blocks < 1:
             raise ValueError(f"no room for a KV cache: peak use {peak} B of {total} B "
                              f"x {config.cuda_memory_fraction}")  # fmt: skip
         return num_blocks
 
-    def _allocate_kv_cache(self, model_config: PretrainedConfig, num_blocks: int) -> list[KVCache]:
+    def _kv_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
+        """One layer's K (or V) cache: [num_blocks, block_size, num_kv_heads, head_dim]."""
         attn = self.model.layers[0].self_attn
-        shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        return (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+
+    def _allocate_kv_cache(self, model_config: PretrainedConfig, num_blocks: int) -> list[KVCache]:
+        shape = self._kv_shape(num_blocks)
         return [
             (
                 torch.zeros(shape, dtype=self.dtype, device=self.device),

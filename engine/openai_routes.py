@@ -60,7 +60,7 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
             chunks = chat_chunks(service, body, requests, envelope)
             return sse_response(chunks, on_close=lambda: service.release(n))
         try:
-            runs = await asyncio.gather(*(collect(service, r) for r in requests))
+            runs = await asyncio.gather(*(service.generate_all(r) for r in requests))
         finally:
             service.release(n)
         choices = [
@@ -81,10 +81,6 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
                 "usage": usage(len(request.prompt_ids), num_generated),
             }
         )
-
-
-async def collect(service: TextGenerationService, request: ValidRequest) -> list[GeneratedToken]:
-    return [token async for token in service.generate(request)]
 
 
 def chat_logprobs(tokens: list[GeneratedToken]) -> dict:

@@ -7,7 +7,7 @@ implement are accepted at their neutral value and rejected by name otherwise
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Request(BaseModel):
@@ -46,16 +46,20 @@ class GenerateParameters(_Request):
     adapter_id: str | None = None
 
 
+def sampling_defaults() -> GenerateParameters:
+    """TGI's quirk: `parameters` left out (or null here) samples; `{}` is greedy."""
+    return GenerateParameters(do_sample=True)
+
+
 class GenerateRequest(_Request):
     inputs: str
-    parameters: GenerateParameters | None = None
+    parameters: GenerateParameters = Field(default_factory=sampling_defaults)
     add_special_tokens: bool = True
 
-    def effective_parameters(self) -> GenerateParameters:
-        """TGI's quirk: `parameters` left out samples (do_sample true); `{}` is greedy."""
-        if self.parameters is None:
-            return GenerateParameters(do_sample=True)
-        return self.parameters
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _null_is_left_out(cls, value: object) -> object:
+        return sampling_defaults() if value is None else value
 
 
 class CompatGenerateRequest(GenerateRequest):

@@ -65,7 +65,7 @@ def create_app(service: TextGenerationService, info: dict, args) -> FastAPI:
     async def compat_generate(body: CompatGenerateRequest) -> Response:
         """TGI's compat route: a one-element list, or the event stream when `stream` is set."""
         if body.stream:
-            return start_stream(service, body)
+            return start_stream(body)
         response, headers = await generate_response(service, body)
         return JSONResponse([response], headers=headers)
 
@@ -76,9 +76,9 @@ def create_app(service: TextGenerationService, info: dict, args) -> FastAPI:
 
     @app.post("/generate_stream")
     async def generate_stream(body: GenerateRequest) -> StreamingResponse:
-        return start_stream(service, body)
+        return start_stream(body)
 
-    def start_stream(service: TextGenerationService, body: GenerateRequest) -> StreamingResponse:
+    def start_stream(body: GenerateRequest) -> StreamingResponse:
         request = validate_generate(service, body, stream=True)
         service.admit()
         events = stream_events(service, body, request)

@@ -172,6 +172,10 @@ class TextGenerationService:
         except ValueError as e:  # the engine refused the request (it can never fit the cache)
             raise self._failed(ValidationError(str(e))) from e
 
+    async def generate_all(self, request: ValidRequest) -> list[GeneratedToken]:
+        """All the request's tokens, once it has finished."""
+        return [token async for token in self.generate(request)]
+
     def token(self, token_id: int, logprob: float) -> dict:
         """TGI's Token: id, its text alone, logprob, and whether it is a special token."""
         text = self.tokenizer.decode([token_id], skip_special_tokens=False)

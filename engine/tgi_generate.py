@@ -14,7 +14,7 @@ def validate_generate(
     service: TextGenerationService, body: GenerateRequest, *, stream: bool
 ) -> ValidRequest:
     prompt_ids = service.tokenize(body.inputs, body.add_special_tokens)
-    return service.validate(prompt_ids, body.effective_parameters(), stream=stream)
+    return service.validate(prompt_ids, body.parameters, stream=stream)
 
 
 async def generate_response(
@@ -26,14 +26,13 @@ async def generate_response(
     requests = with_fresh_seeds(request, request.best_of)
     service.admit(len(requests))
     try:
-        runs = await asyncio.gather(*(_run(service, r) for r in requests))
+        runs = await asyncio.gather(*(service.generate_all(r) for r in requests))
     finally:
         service.release(len(requests))
     scored = sorted(zip(runs, requests, strict=True), key=lambda rr: -_mean_logprob(rr[0]))
     (tokens, best), others = scored[0], scored[1:]
-    p = body.effective_parameters()
     response: dict = {"generated_text": full_text(body, tokens[-1].generated_text)}
-    if p.details:
+    if body.parameters.details:
         response["details"] = details(tokens, best)
         if others:
             response["details"]["best_of_sequences"] = [
@@ -42,10 +41,6 @@ async def generate_response(
             ]
     num_chars = len(body.inputs)
     return response, timing_headers(service, best, len(tokens), num_chars)
-
-
-async def _run(service: TextGenerationService, request: ValidRequest) -> list[GeneratedToken]:
-    return [token async for token in service.generate(request)]
 
 
 def _mean_logprob(tokens: list[GeneratedToken]) -> float:
@@ -71,15 +66,13 @@ def token_dict(token: GeneratedToken) -> dict:
 
 
 def full_text(body: GenerateRequest, generated_text: str) -> str:
-    return_full_text = body.effective_parameters().return_full_text
-    return body.inputs + generated_text if return_full_text else generated_text
+    return body.inputs + generated_text if body.parameters.return_full_text else generated_text
 
 
 async def stream_events(
     service: TextGenerationService, body: GenerateRequest, request: ValidRequest
 ) -> AsyncIterator[str]:
     """StreamResponse events; the last carries generated_text (and details when asked)."""
-    with_details = body.effective_parameters().details
     try:
         async for token in service.generate(request):
             event: dict = {"index": token.index, "token": token_dict(token)}
@@ -88,7 +81,7 @@ async def stream_events(
             event["generated_text"], event["details"] = None, None
             if token.finish_reason:
                 event["generated_text"] = full_text(body, token.generated_text)
-                if with_details:
+                if body.parameters.details:
                     event["details"] = {
                         "finish_reason": token.finish_reason,
                         "generated_tokens": token.index + 1,
