@@ -8,15 +8,19 @@ HTTP. Request bodies pass through untouched, so TGI semantics (a missing `max_ne
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import ray
+from ray import serve
 
 from deployments.errors import TGIError
 from deployments.launcher import Launcher, embedded_env, free_port, launcher_command
+from deployments.placement import launcher_env, placement_options, reserve_shard_gpus
 from serve_app.config import ModelConfig
 
 # TGI's default --max-concurrent-requests.
@@ -45,24 +49,24 @@ class TGIServer:
     def get_deployment_options(cls, model_cfg: ModelConfig) -> dict[str, Any]:
         """Serve options for this model's deployment (pure: tests assert it without Ray).
 
-        All shards of a replica are child processes of the replica actor, so the actor
-        itself reserves every shard's GPUs: Ray then places them on one node and lists
-        them all in CUDA_VISIBLE_DEVICES, which the launcher inherits.
+        The replica actor takes the first shard's resources; with num_shard > 1 a
+        STRICT_PACK placement group of one bundle per shard reserves the rest on the same
+        node (deployments/placement.py).
         """
         d = model_cfg.deployment
         max_concurrent = (
             model_cfg.launcher_args.max_concurrent_requests or _DEFAULT_MAX_CONCURRENT_REQUESTS
         )
         actor_options: dict[str, Any] = {"num_cpus": model_cfg.resources.num_cpus}
-        num_gpus = model_cfg.resources.num_gpus * model_cfg.num_shard
-        if num_gpus:
-            actor_options["num_gpus"] = num_gpus
+        if model_cfg.resources.num_gpus:
+            actor_options["num_gpus"] = model_cfg.resources.num_gpus
         return {
             "name": f"TGIServer:{model_cfg.name}",
             "num_replicas": d.num_replicas,
             # Let the engine's continuous batching see as many requests as it admits.
             "max_ongoing_requests": d.max_ongoing_requests or max_concurrent,
             "ray_actor_options": actor_options,
+            **placement_options(model_cfg),
             "health_check_period_s": d.health_check_period_s,
             "health_check_timeout_s": d.health_check_timeout_s,
             "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
@@ -80,9 +84,12 @@ class TGIServer:
             if model_cfg.engine == "tgi" or model_cfg.num_shard > 1:
                 # Distinct per replica, so several launchers can share a node.
                 flags += ["--master-port", str(free_port())]
-                flags += ["--shard-uds-path", f"/tmp/ray-tgi-{model_cfg.name}-{free_port()}"]
+                flags += ["--shard-uds-path", f"/tmp/ray-tgi-{model_cfg.name}-{os.getpid()}"]
             command = launcher_command(model_cfg.engine, flags)
-        env = embedded_env() if model_cfg.engine == "embedded" else None
+        # The holders keep the other shards' GPUs reserved while this replica lives.
+        self._gpu_ids, self._shard_holders = await reserve_shard_gpus(model_cfg)
+        base_env = embedded_env() if model_cfg.engine == "embedded" else None
+        env = launcher_env(base_env, self._gpu_ids)
         self._launcher = Launcher(command, env=env, echo=sys.stderr)
         # Started from the replica's long-lived user thread: the parent-death signal is
         # tied to the thread that forks.
@@ -139,6 +146,16 @@ class TGIServer:
             async for line in response.aiter_lines():
                 if line:  # events and keep-alive comments; blank lines only separate them
                     yield f"{line}\n\n"
+
+    async def placement(self) -> dict[str, Any]:
+        """Where this replica runs: Ray node, the GPU ids its launcher sees, launcher pid."""
+        context = serve.get_replica_context()
+        return {
+            "replica_id": context.replica_id.unique_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": self._gpu_ids,
+            "launcher_pid": self._launcher.pid,
+        }
 
     # --- health and lifecycle ---------------------------------------------------------
 

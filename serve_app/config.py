@@ -117,7 +117,9 @@ class LauncherArgs(_Strict):
 class ResourceConfig(_Strict):
     """Ray resources of one TGIServer replica."""
 
-    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica.")
+    num_cpus: float = Field(
+        1.0, gt=0, description="CPUs reserved per shard (the first also runs the replica)."
+    )
     num_gpus: float = Field(0, ge=0, description="GPUs reserved per shard.")
 
 
@@ -182,6 +184,12 @@ class AppArgs(_Strict):
 
     models: list[ModelConfig] = Field(min_length=1, description="Served models.")
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+    check_placement: bool = Field(
+        True,
+        description="Fail the deploy when no alive node can hold one replica of a model "
+        "(all its shards' bundles on one node). Set false on autoscaling clusters whose "
+        "GPU nodes start on demand.",
+    )
 
     @model_validator(mode="after")
     def _check_unique_names(self) -> "AppArgs":

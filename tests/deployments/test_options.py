@@ -4,6 +4,7 @@ import pytest
 from ray.serve.deployment import Application
 
 from deployments.ingress import Ingress
+from deployments.placement import launcher_env, unplaceable_models
 from deployments.tgi_server import TGIServer
 from serve_app.app import build_app
 from serve_app.config import IngressOptions, ModelConfig
@@ -34,16 +35,46 @@ def test_tgi_server_max_ongoing_follows_the_launcher_unless_set():
     assert TGIServer.get_deployment_options(cfg)["max_ongoing_requests"] == 8
 
 
-def test_tgi_server_reserves_every_shard_gpu_on_the_replica():
+def test_a_sharded_replica_is_one_strict_pack_group_of_one_gpu_bundle_per_shard():
     cfg = _cfg(
         num_shard=4,
         resources={"num_cpus": 2, "num_gpus": 1},
         deployment={"num_replicas": 3, "health_check_period_s": 5},
     )
     options = TGIServer.get_deployment_options(cfg)
-    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 4}
+    # The replica actor fits in the first bundle, as Serve requires.
+    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+    assert options["placement_group_bundles"] == [{"CPU": 2, "GPU": 1}] * 4
+    assert options["placement_group_strategy"] == "STRICT_PACK"
     assert options["num_replicas"] == 3
     assert options["health_check_period_s"] == 5
+
+
+def test_cpu_only_shards_get_cpu_bundles_and_one_shard_gets_no_group():
+    options = TGIServer.get_deployment_options(_cfg(num_shard=2, resources={"num_cpus": 0.5}))
+    assert options["placement_group_bundles"] == [{"CPU": 0.5}, {"CPU": 0.5}]
+    assert options["ray_actor_options"] == {"num_cpus": 0.5}
+    assert "placement_group_bundles" not in TGIServer.get_deployment_options(_cfg())
+
+
+def test_unplaceable_models_names_what_one_replica_needs():
+    nodes = [{"CPU": 8, "GPU": 4}, {"CPU": 8, "GPU": 4}, {"CPU": 4}]
+    fits = _cfg(name="fits", num_shard=4, resources={"num_gpus": 1})
+    assert unplaceable_models([fits], nodes) == []
+    too_big = _cfg(name="big", num_shard=8, resources={"num_gpus": 1})
+    [message] = unplaceable_models([fits, too_big], nodes)
+    assert message == (
+        "model 'big' cannot be placed: one replica needs 8 CPU, 8 GPU on a single node "
+        "(num_shard=8, STRICT_PACK), but the largest node has 4 GPUs (3 nodes alive)"
+    )
+    # One node with 8 GPUs holds it.
+    assert unplaceable_models([too_big], [{"CPU": 16, "GPU": 8}]) == []
+
+
+def test_the_launcher_sees_exactly_the_replica_gpus():
+    env = launcher_env({"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, ["2", "3"])
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "2,3"}
+    assert launcher_env({"PATH": "/bin"}, []) == {"PATH": "/bin"}  # CPU: nothing to pin
 
 
 def test_ingress_options():
