@@ -17,11 +17,15 @@ from typing import Any
 import httpx
 import ray
 from ray import serve
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
+from deployments.autoscaling import EngineQueuePolicy
+from deployments.engine_load import EngineLoad
 from deployments.errors import TGIError
 from deployments.launcher import Launcher, embedded_env, free_port, launcher_command
 from deployments.placement import launcher_env, placement_options, reserve_shard_gpus
-from serve_app.config import ModelConfig
+from deployments.router import TGIRequestRouter
+from serve_app.config import DeploymentOptions, ModelConfig
 
 # TGI's default --max-concurrent-requests.
 _DEFAULT_MAX_CONCURRENT_REQUESTS = 128
@@ -62,7 +66,7 @@ class TGIServer:
             actor_options["num_gpus"] = model_cfg.resources.num_gpus
         return {
             "name": f"TGIServer:{model_cfg.name}",
-            "num_replicas": d.num_replicas,
+            **_replica_options(d),
             # Let the engine's continuous batching see as many requests as it admits.
             "max_ongoing_requests": d.max_ongoing_requests or max_concurrent,
             "ray_actor_options": actor_options,
@@ -147,14 +151,30 @@ class TGIServer:
                 if line:  # events and keep-alive comments; blank lines only separate them
                     yield f"{line}\n\n"
 
+    # --- load, for the request router and the autoscaler ----------------------------
+
+    async def _engine_load(self) -> EngineLoad:
+        response = await self._client.get("/metrics", timeout=5.0)
+        response.raise_for_status()
+        return EngineLoad.from_metrics_text(response.text)
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve every routing_stats_period_s; read by deployments/router.py."""
+        return (await self._engine_load()).to_routing_stats()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Polled by Serve; read by deployments/autoscaling.py."""
+        return (await self._engine_load()).to_autoscaling_stats()
+
     async def placement(self) -> dict[str, Any]:
-        """Where this replica runs: Ray node, the GPU ids its launcher sees, launcher pid."""
+        """Where this replica runs: Ray node, the GPU ids its launcher sees, its launcher."""
         context = serve.get_replica_context()
         return {
             "replica_id": context.replica_id.unique_id,
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": self._gpu_ids,
             "launcher_pid": self._launcher.pid,
+            "launcher_url": self._launcher.url,
         }
 
     # --- health and lifecycle ---------------------------------------------------------
@@ -179,6 +199,35 @@ class TGIServer:
         launcher = getattr(self, "_launcher", None)
         if launcher is not None:
             launcher.stop()
+
+
+def _replica_options(d: DeploymentOptions) -> dict[str, Any]:
+    """How many replicas (fixed, or autoscaled on the engines' queues) and how requests are
+    routed among them."""
+    options: dict[str, Any] = {}
+    if d.autoscaling is None:
+        options["num_replicas"] = d.num_replicas or 1
+    else:
+        a = d.autoscaling
+        options["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=a.min_replicas,
+            max_replicas=a.max_replicas,
+            upscale_delay_s=a.upscale_delay_s,
+            downscale_delay_s=a.downscale_delay_s,
+            policy=AutoscalingPolicy(
+                policy_function=f"{EngineQueuePolicy.__module__}:{EngineQueuePolicy.__name__}",
+                policy_kwargs={
+                    "target_queued_per_replica": a.target_queued_per_replica,
+                    "target_batch_token_usage": a.target_batch_token_usage,
+                },
+            ),
+        )
+    if d.request_router == "batching_aware":
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=f"{TGIRequestRouter.__module__}:{TGIRequestRouter.__name__}",
+            request_routing_stats_period_s=d.routing_stats_period_s,
+        )
+    return options
 
 
 def _check_route(method: str, path: str) -> None:

@@ -123,10 +123,47 @@ class ResourceConfig(_Strict):
     num_gpus: float = Field(0, ge=0, description="GPUs reserved per shard.")
 
 
+class AutoscalingOptions(_Strict):
+    """Replicas follow the engines' queues (deployments/autoscaling.py), within Serve's
+    bounds and delays."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 scales to zero.")
+    max_replicas: int = Field(ge=1, description="Most replicas.")
+    target_queued_per_replica: float = Field(
+        2.0, gt=0, description="Requests waiting in each engine's queue that one replica absorbs."
+    )
+    target_batch_token_usage: float = Field(
+        0.75, gt=0, le=1, description="Share of the KV cache a replica's batch may reserve."
+    )
+    upscale_delay_s: float = Field(30, ge=0, description="Demand lasting this long adds.")
+    downscale_delay_s: float = Field(600, ge=0, description="Idle lasting this long removes.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "AutoscalingOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas "
+                             f"({self.max_replicas})")  # fmt: skip
+        return self
+
+
 class DeploymentOptions(_Strict):
     """Ray Serve options of one model's TGIServer deployment."""
 
-    num_replicas: int = Field(1, ge=1, description="Replicas, each running its own launcher.")
+    num_replicas: int | None = Field(
+        None, ge=1, description="Fixed replicas, each running its own launcher (default 1); "
+        "leave unset with `autoscaling`.",
+    )  # fmt: skip
+    autoscaling: AutoscalingOptions | None = Field(
+        None, description="Scale replicas on the engines' queues instead of a fixed number."
+    )
+    request_router: Literal["batching_aware", "power_of_two"] = Field(
+        "batching_aware",
+        description="batching_aware: by the load each engine's batch carries, with prefix "
+        "affinity (deployments/router.py); power_of_two: Serve's default router.",
+    )
+    routing_stats_period_s: float = Field(
+        2.0, gt=0, description="How often each replica reports its engine's load to routers."
+    )
     max_ongoing_requests: int | None = Field(
         None,
         ge=1,
@@ -141,6 +178,12 @@ class DeploymentOptions(_Strict):
     startup_timeout_s: float = Field(
         600, gt=0, description="Seconds the launcher may take to load the model and get healthy."
     )
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> "DeploymentOptions":
+        if self.autoscaling is not None and self.num_replicas is not None:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        return self
 
 
 class ModelConfig(_Strict):

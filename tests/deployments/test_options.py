@@ -15,7 +15,11 @@ def _cfg(**overrides) -> ModelConfig:
 
 
 def test_tgi_server_defaults():
-    assert TGIServer.get_deployment_options(_cfg()) == {
+    options = TGIServer.get_deployment_options(_cfg())
+    router = options.pop("request_router_config")
+    assert router.request_router_class == "deployments.router:TGIRequestRouter"
+    assert router.request_routing_stats_period_s == 2.0
+    assert options == {
         "name": "TGIServer:m",
         "num_replicas": 1,
         "max_ongoing_requests": 128,  # TGI's default max_concurrent_requests
@@ -24,6 +28,29 @@ def test_tgi_server_defaults():
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 20,
     }
+
+
+def test_autoscaling_on_engine_queues_replaces_a_fixed_replica_count():
+    cfg = _cfg(
+        deployment={
+            "autoscaling": {"min_replicas": 0, "max_replicas": 3, "target_queued_per_replica": 4},
+            "request_router": "power_of_two",
+        }
+    )
+    options = TGIServer.get_deployment_options(cfg)
+    assert "num_replicas" not in options
+    assert "request_router_config" not in options  # Serve's default router
+    autoscaling = options["autoscaling_config"]
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (0, 3)
+    assert autoscaling.policy.policy_function == "deployments.autoscaling:EngineQueuePolicy"
+    assert autoscaling.policy.policy_kwargs == {
+        "target_queued_per_replica": 4,
+        "target_batch_token_usage": 0.75,
+    }
+    with pytest.raises(ValueError, match="num_replicas or autoscaling"):
+        _cfg(deployment={"num_replicas": 2, "autoscaling": {"max_replicas": 3}})
+    with pytest.raises(ValueError, match="min_replicas"):
+        _cfg(deployment={"autoscaling": {"min_replicas": 4, "max_replicas": 3}})
 
 
 def test_tgi_server_max_ongoing_follows_the_launcher_unless_set():

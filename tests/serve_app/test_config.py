@@ -31,7 +31,8 @@ def test_defaults():
     assert model.num_shard == 1
     assert model.revision is None
     assert model.resources.num_cpus == 1.0 and model.resources.num_gpus == 0
-    assert model.deployment.num_replicas == 1
+    assert model.deployment.num_replicas is None  # one replica, unless autoscaled
+    assert model.deployment.request_router == "batching_aware"
     assert model.launcher_args.to_argv() == []
 
 

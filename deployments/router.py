@@ -1,0 +1,193 @@
+"""TGIRequestRouter: send each request to the replica whose engine batch has most room.
+
+A Serve RequestRouter (alpha API) for the TGIServer deployment, set with
+`RequestRouterConfig(request_router_class="deployments.router:TGIRequestRouter")`.
+Serve builds one router per deployment handle (in the ingress replica), and calls
+`choose_replicas` for every request, `on_request_routed` once a replica accepted it and
+`on_request_completed` when it ends.
+
+The load of a replica is what its engine reports (`EngineLoad`, polled by the Serve
+controller every `request_routing_stats_period_s` and broadcast to routers), corrected by
+the requests this router sent since (`InFlightLedger`). Its score is the projected batch
+tokens over the KV capacity, or the KV blocks in use if that is higher; the lowest scores
+rank first. A prompt whose prefix a replica served recently goes back there (its prefix
+cache holds the KV) unless that replica's score is more than `affinity_slack` above the
+best one.
+"""
+
+import random
+from collections.abc import Hashable, Sequence
+
+from ray.serve.request_router import (
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
+
+from deployments.engine_load import EngineLoad
+from deployments.routed_request import RoutedRequest, read_routed_request
+from deployments.routing_state import InFlightLedger, PrefixIndex
+
+
+def load_score(
+    load: EngineLoad | None, unreported_tokens: int, default_request_tokens: int, capacity: int
+) -> float:
+    """A replica's projected load as a share of its KV capacity (may exceed 1 with a queue).
+
+    `capacity` is used when the replica does not report its own (real TGI before its
+    first report, or a replica not reported at all, which counts as empty).
+    """
+    if load is None:
+        return max(unreported_tokens, 0) / capacity
+    capacity = load.max_batch_total_tokens or capacity
+    queued_tokens = load.num_queued_tokens
+    if queued_tokens is None:  # no engine reports it: queued requests look like running ones
+        per_request = (
+            load.num_batch_max_tokens / load.num_running
+            if load.num_running
+            else default_request_tokens
+        )
+        queued_tokens = load.num_queued * per_request
+    projected = max(load.num_batch_max_tokens + queued_tokens + unreported_tokens, 0)
+    score = projected / capacity
+    kv_used = load.kv_used_fraction
+    if kv_used is not None:  # blocks also held by the prefix cache, or not yet reserved
+        score = max(score, kv_used + unreported_tokens / capacity)
+    return score
+
+
+def rank_by_score(
+    scores: dict[Hashable, float], preferred: Hashable | None, affinity_slack: float
+) -> list[Hashable]:
+    """Replica ids, lowest score first (ties in random order, so equal replicas share),
+    with `preferred` first if its score is within `affinity_slack` of the best."""
+    ranked = sorted(scores, key=lambda r: (scores[r], random.random()))
+    if preferred in scores and scores[preferred] <= scores[ranked[0]] + affinity_slack:
+        ranked.remove(preferred)
+        ranked.insert(0, preferred)
+    return ranked
+
+
+class TGIRequestRouter(RequestRouter):
+    """Batching-aware ranking with prefix affinity; see the module docstring."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initialize_state()  # defaults; Serve calls it again with request_router_kwargs
+
+    def initialize_state(
+        self,
+        prefix_lengths_chars: Sequence[int] = (64, 256, 1024, 4096),
+        max_prefix_entries: int = 10_000,
+        affinity_slack: float = 0.1,
+        chars_per_token: float = 4.0,
+        default_max_new_tokens: int = 256,
+        default_capacity_tokens: int = 16_384,
+        reservation_ttl_s: float = 5.0,
+    ) -> None:
+        """Configuration, from `RequestRouterConfig.request_router_kwargs`.
+
+        prefix_lengths_chars: prompt prefix lengths (characters) keyed for affinity.
+        max_prefix_entries: bound on remembered prefixes (least recently used go first).
+        affinity_slack: how much higher (in KV-capacity share) the prefix's replica may
+            score than the best replica and still be chosen.
+        chars_per_token: prompt characters per token, to estimate a request's tokens.
+        default_max_new_tokens: new tokens assumed when a request does not say.
+        default_capacity_tokens: KV capacity assumed for a replica until it reports one.
+        reservation_ttl_s: how long a ranked but never accepted request counts.
+        """
+        self._prefix_index = PrefixIndex(prefix_lengths_chars, max_prefix_entries)
+        self._ledger = InFlightLedger(reservation_ttl_s)
+        self._affinity_slack = affinity_slack
+        self._chars_per_token = chars_per_token
+        self._default_max_new_tokens = default_max_new_tokens
+        self._default_capacity_tokens = default_capacity_tokens
+
+    # --- ranking -----------------------------------------------------------------------
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        """Every candidate, one per rank, best first: Serve tries them in order and skips
+        those at max_ongoing_requests."""
+        if not candidate_replicas:
+            return []
+        request = _read(pending_request)
+        ranked_ids = rank_by_score(
+            self._scores(candidate_replicas),
+            self._prefix_index.lookup(request.prompt) if request else None,
+            self._affinity_slack,
+        )
+        if request is not None and pending_request is not None:
+            self._ledger.reserve(
+                pending_request.metadata.internal_request_id,
+                ranked_ids[0],
+                self._estimate_tokens(request),
+                self._get_curr_time_s(),
+            )
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        return [[by_id[replica_id]] for replica_id in ranked_ids]
+
+    def _scores(self, replicas: list[RunningReplica]) -> dict[Hashable, float]:
+        loads = {r.replica_id: EngineLoad.from_routing_stats(r.routing_stats) for r in replicas}
+        unreported = self._ledger.unreported_tokens(
+            {r: load.reported_at if load else None for r, load in loads.items()},
+            self._get_curr_time_s(),
+        )
+        capacities = [load.max_batch_total_tokens for load in loads.values() if load]
+        # Replicas of one deployment share a configuration: one that has not reported
+        # yet most likely has the capacity the others report.
+        capacity = max((c for c in capacities if c), default=self._default_capacity_tokens)
+        request_tokens = self._default_max_new_tokens
+        return {
+            r: load_score(load, unreported[r], request_tokens, capacity)
+            for r, load in loads.items()
+        }
+
+    def _estimate_tokens(self, request: RoutedRequest) -> int:
+        return request.estimate_tokens(self._chars_per_token, self._default_max_new_tokens)
+
+    # --- request lifecycle -------------------------------------------------------------
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
+    ) -> None:
+        request = _read(pending_request)
+        if request is None:
+            return
+        self._ledger.confirm(
+            pending_request.metadata.internal_request_id,
+            replica_id,
+            self._estimate_tokens(request),
+            self._get_curr_time_s(),
+        )
+        if request.prompt:
+            self._prefix_index.record(request.prompt, replica_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._ledger.finish(internal_request_id, self._get_curr_time_s())
+
+    # --- replica set -------------------------------------------------------------------
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._forget_gone_replicas()
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget_gone_replicas()
+
+    def _forget_gone_replicas(self) -> None:
+        live = self.curr_replicas.keys()
+        self._prefix_index.forget_replicas_except(live)
+        self._ledger.forget_replicas_except(live)
+
+
+def _read(pending_request: PendingRequest | None) -> RoutedRequest | None:
+    if pending_request is None:
+        return None
+    return read_routed_request(pending_request.args, pending_request.kwargs)
