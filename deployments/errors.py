@@ -1,9 +1,14 @@
-"""The one place where failures become TGI-shaped HTTP errors.
+"""The one place where failures become HTTP errors: one helper per protocol.
 
 TGI answers errors as `{"error": msg, "error_type": type}` with 422 validation, 429
 overloaded, 424 generation and 500 incomplete_generation. The TGIServer raises `TGIError`
 carrying the engine's own status and type; the ingress turns any exception into a response
 (or, once a stream has started, into an SSE event) through `to_tgi_error` only.
+
+The OpenAI routes answer the engine's errors in TGI's shape too, as TGI itself does. The one
+error TGI has no counterpart for is the ingress's own: a `model` this app does not serve
+(TGI serves one model and ignores the field). That one is `OpenAIError`, answered in
+OpenAI's shape by `openai_error_response`, so OpenAI SDKs see `code == "model_not_found"`.
 """
 
 import json
@@ -52,6 +57,32 @@ class TGIError(Exception):
         return cls(message, status_code, error_type)
 
 
+class OpenAIError(Exception):
+    """An error the ingress answers in OpenAI's shape:
+    `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int,
+        error_type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
+        super().__init__(message, status_code, error_type, code, param)
+        self.message = message
+        self.status_code = status_code
+        self.error_type = error_type
+        self.code = code
+        self.param = param
+
+    @classmethod
+    def model_not_found(cls, model: str) -> "OpenAIError":
+        """What the OpenAI API answers for an unknown model: 404, its message, `param` null."""
+        message = f"The model `{model}` does not exist or you do not have access to it."
+        return cls(message, 404, "invalid_request_error", code="model_not_found")
+
+
 def to_tgi_error(exc: BaseException) -> tuple[int, dict[str, str]]:
     """Map any exception raised while serving a request to (HTTP status, TGI error body)."""
     if isinstance(exc, RayTaskError) and exc.cause is not None:
@@ -73,3 +104,9 @@ def error_event(exc: BaseException) -> str:
     """The SSE event for an error after a stream has started (its 200 is already sent)."""
     _, body = to_tgi_error(exc)
     return f"data:{json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+def openai_error_response(exc: OpenAIError) -> JSONResponse:
+    """An error response in OpenAI's shape."""
+    body = {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}
+    return JSONResponse({"error": body}, status_code=exc.status_code)

@@ -3,11 +3,17 @@
 Bodies are passed to the TGIServer as parsed JSON objects and validated by the engine, which
 owns TGI's rules. Every failure becomes a TGI error through deployments/errors.py: raised
 before a response starts, by the exception handlers below; inside a started stream, as a
-`data:{"error":..,"error_type":..}` event.
+`data:{"error":..,"error_type":..}` event. The one exception is an OpenAI request for a model
+the app does not serve, answered in OpenAI's shape (`OpenAIError`).
+
+Each request goes to one model, chosen as deployments/model_choice.py says: route prefix
+`/models/{name}/...`, then the `x-model` header, then the OpenAI body's `model`, then the
+first model. Other Ray apps can call the same models through this deployment's handle
+(`call` / `stream`, with `model=`) or through a TGIServer's own handle.
 """
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,7 +23,16 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.errors import TGIError, error_event, error_response
+from deployments.app_stats import AppStats
+from deployments.chat_page import ChatPage
+from deployments.errors import (
+    OpenAIError,
+    TGIError,
+    error_event,
+    error_response,
+    openai_error_response,
+)
+from deployments.model_choice import MODEL_HEADER, choose_model, requested_model
 from deployments.tgi_server import LauncherReply
 from serve_app.config import IngressOptions
 
@@ -28,17 +43,35 @@ async def _handle_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
+async def _handle_openai_error(_request: Request, exc: OpenAIError) -> JSONResponse:
+    return openai_error_response(exc)
+
+
 # Starlette picks the handler by the exception's MRO; a replica's TGIError arrives as
 # RayTaskError(TGIError), which both of the first two match. `Exception` catches the rest
 # (Starlette answers those with this handler, then re-raises them to be logged).
 for _exc_type in (TGIError, RayError, BackPressureError, Exception):
     app.add_exception_handler(_exc_type, _handle_error)
+app.add_exception_handler(OpenAIError, _handle_openai_error)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # The helpers come before the class: `serve.ingress` pickles the app's routes when it
 # decorates the class, by value, with the module globals defined at that moment.
+
+
+def _route(method: str, path: str) -> Callable:
+    """Register an endpoint at `path` and under every model's prefix, `/models/{model}`."""
+    prefixed = "/models/{model}" + path.rstrip("/")
+    paths = [path, prefixed] + ([prefixed + "/"] if path == "/" else [])
+
+    def register(endpoint: Callable) -> Callable:
+        for route_path in paths:
+            app.api_route(route_path, methods=[method])(endpoint)
+        return endpoint
+
+    return register
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -89,7 +122,7 @@ async def _sse_events(stream: DeploymentResponseGenerator) -> AsyncIterator[str]
 
 @serve.ingress(app)
 class Ingress:
-    """Serve deployment class; bound with `{model name: TGIServer handle}`."""
+    """Serve deployment class; bound with `{model name: TGIServer handle}` (first = default)."""
 
     @classmethod
     def get_deployment_options(cls, options: IngressOptions) -> dict[str, Any]:
@@ -105,58 +138,82 @@ class Ingress:
         if not models:
             raise ValueError("the ingress needs at least one model")
         self._models = models
+        self._names = list(models)
         self._created = int(time.time())
+        self._chat_page = ChatPage()
+        self._stats = AppStats(models)
 
-    def _server(self, model: object = None) -> DeploymentHandle:
-        # TGI routes name no model, and TGI itself ignores the OpenAI `model` field: an
-        # unknown or missing name goes to the first model.
-        if isinstance(model, str) and model in self._models:
-            return self._models[model]
-        return next(iter(self._models.values()))
+    # --- which model ------------------------------------------------------------------
+
+    def _server_for(
+        self, request: Request, body: dict[str, Any] | None = None, openai: bool = False
+    ) -> DeploymentHandle:
+        """The TGIServer for an HTTP request; an unknown model is a 404 in the route's
+        protocol (OpenAI's shape on the OpenAI routes, TGI's elsewhere)."""
+        body_model = body.get("model") if openai and body is not None else None
+        name = requested_model(
+            request.path_params.get("model"), request.headers.get(MODEL_HEADER), body_model
+        )
+        chosen = choose_model(self._names, name)
+        if chosen is None:
+            if openai:
+                raise OpenAIError.model_not_found(str(name))
+            raise self._not_served(str(name))
+        return self._models[chosen]
+
+    def _server_named(self, model: str | None) -> DeploymentHandle:
+        chosen = choose_model(self._names, model)
+        if chosen is None:
+            raise self._not_served(str(model))
+        return self._models[chosen]
+
+    def _not_served(self, name: str) -> TGIError:
+        served = ", ".join(self._names)
+        return TGIError(f"model {name!r} is not served here (served: {served})", 404, "not_found")
 
     # --- routes forwarded to a launcher, unchanged -----------------------------------
 
-    @app.post("/")
+    @_route("POST", "/")
     async def compat_generate(self, request: Request) -> Response:
         """TGI's compat route (the one `text_generation.Client` uses)."""
         return await self._forward("/", request)
 
-    @app.post("/generate")
+    @_route("POST", "/generate")
     async def generate(self, request: Request) -> Response:
         return await self._forward("/generate", request)
 
-    @app.post("/generate_stream")
+    @_route("POST", "/generate_stream")
     async def generate_stream(self, request: Request) -> Response:
         return await self._forward("/generate_stream", request)
 
-    @app.post("/tokenize")
+    @_route("POST", "/tokenize")
     async def tokenize(self, request: Request) -> Response:
         return await self._forward("/tokenize", request)
 
-    @app.post("/chat_tokenize")
+    @_route("POST", "/chat_tokenize")
     async def chat_tokenize(self, request: Request) -> Response:
         return await self._forward("/chat_tokenize", request)
 
-    @app.post("/v1/chat/completions")
+    @_route("POST", "/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._forward("/v1/chat/completions", request)
 
-    @app.post("/v1/completions")
+    @_route("POST", "/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self._forward("/v1/completions", request)
 
-    @app.get("/info")
-    async def info(self) -> Response:
-        return _reply(await self._server().call.remote("GET", "/info"))
+    @_route("GET", "/info")
+    async def info(self, request: Request) -> Response:
+        return _reply(await self._server_for(request).call.remote("GET", "/info"))
 
-    @app.get("/metrics")
-    async def metrics(self) -> Response:
-        """The first model's engine metrics (scrape each engine for all of them)."""
-        return _reply(await self._server().call.remote("GET", "/metrics"))
+    @_route("GET", "/metrics")
+    async def metrics(self, request: Request) -> Response:
+        """One model's engine metrics (the first, or the one named): scrape each model's."""
+        return _reply(await self._server_for(request).call.remote("GET", "/metrics"))
 
     async def _forward(self, path: str, request: Request) -> Response:
         body = await _json_object(request)
-        server = self._server(body.get("model"))
+        server = self._server_for(request, body, openai=path.startswith("/v1/"))
         # The launcher checks the API key (--api-key), so the client's credentials go along.
         headers = {k: v for k, v in request.headers.items() if k == "authorization"}
         if path == "/generate_stream" or (path in STREAMABLE and body.get("stream")):
@@ -164,16 +221,71 @@ class Ingress:
             return await _sse_response(stream)
         return _reply(await server.call.remote("POST", path, body, headers))
 
-    @app.get("/health")
-    async def health(self) -> Response:
-        for server in self._models.values():
+    @_route("GET", "/health")
+    async def health(self, request: Request) -> Response:
+        """Every model's health, or the named one's (prefix or x-model header)."""
+        named = "model" in request.path_params or MODEL_HEADER in request.headers
+        servers = [self._server_for(request)] if named else self._models.values()
+        for server in servers:
             await server.health.remote()  # raises a 503 TGIError when unhealthy
         return Response(status_code=200)
 
+    # --- the app's own routes ------------------------------------------------------------
+
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
+        """The served models, first (default) first."""
         data = [
             {"id": name, "object": "model", "created": self._created, "owned_by": "ray-tgi"}
-            for name in self._models
+            for name in self._names
         ]
         return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/stats")
+    async def stats(self) -> JSONResponse:
+        """Per model: model id, replicas by state, the engine's queued and running requests."""
+        return JSONResponse(await self._stats.collect())
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page(self) -> Response:
+        """The chat page (TGI's own `POST /` is the compat generate route above)."""
+        return self._chat_page.response()
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(self, name: str) -> Response:
+        return self._chat_page.response(name)
+
+    # --- calls from other Ray apps, through this deployment's handle ------------------
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        request: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        model: str | None = None,
+    ) -> LauncherReply:
+        """TGIServer.call on the named model (None or "tgi": the first); for
+        `serve.get_app_handle(app).call.remote("POST", "/generate", body, model=...)`."""
+        return await self._server_named(model).call.remote(method, path, request, headers)
+
+    async def stream(
+        self,
+        path: str,
+        request: dict[str, Any],
+        headers: dict[str, str] | None = None,
+        model: str | None = None,
+    ) -> AsyncIterator[dict[str, str] | str]:
+        """TGIServer.stream on the named model: the launcher's x-* headers, then each SSE
+        event; for `handle.options(stream=True).stream.remote(path, body, model=...)`."""
+        stream = (
+            self._server_named(model).options(stream=True).stream.remote(path, request, headers)
+        )
+        finished = False
+        try:
+            async for item in stream:
+                yield item
+            finished = True
+        finally:
+            if not finished:  # the caller stopped early: stop the generation too
+                stream.cancel()

@@ -1,0 +1,89 @@
+"""GET /stats: for each model, its replicas (Serve's view) and its engine's queue (TGI's).
+
+Replica counts come from `serve.status()`, which works inside a replica (it asks the Serve
+controller). The queue comes from the engine's own Prometheus gauges, TGI's names:
+`tgi_queue_size` (requests waiting for a batch) and `tgi_batch_current_size` (requests in
+the running batch). A handle call reaches one replica, so with several replicas of a model
+the engine numbers are one replica's (`engine_sampled_replicas` says so).
+"""
+
+import asyncio
+import json
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ServeStatus
+
+_ENGINE_GAUGES = {"tgi_queue_size": "queued_requests", "tgi_batch_current_size": "running_requests"}
+# A model's entry waits this long for its engine; a stuck replica must not hang /stats.
+# Generous: a handle's first call from a replica also waits for Serve's list of replicas.
+ENGINE_TIMEOUT_S = 10.0
+
+
+class AppStats:
+    """The /stats answer for an app's models (`{name: TGIServer handle}`, first first)."""
+
+    def __init__(self, models: dict[str, DeploymentHandle]):
+        self._models = models
+        self._model_ids: dict[str, str] = {}  # from each engine's /info, once it answered
+
+    async def collect(self) -> dict[str, Any]:
+        status = await asyncio.to_thread(serve.status)  # a blocking call to the controller
+        entries = await asyncio.gather(*(self._model(name, status) for name in self._models))
+        return {"models": list(entries)}
+
+    async def _model(self, name: str, status: ServeStatus) -> dict[str, Any]:
+        server = self._models[name]
+        entry: dict[str, Any] = {"name": name, "deployment": server.deployment_name}
+        entry.update(replica_counts(status, server.app_name, server.deployment_name))
+        try:
+            # One call after the other: with the batching-aware router, two concurrent
+            # calls to one deployment from inside one request were seen to stall.
+            model_id = await asyncio.wait_for(self._model_id(name), ENGINE_TIMEOUT_S)
+            metrics = await asyncio.wait_for(
+                server.call.remote("GET", "/metrics"), ENGINE_TIMEOUT_S
+            )
+        except Exception as exc:  # one model down must not hide the others' numbers
+            error = f"{type(exc).__name__}: {exc}"[:300]
+            if isinstance(exc, TimeoutError):
+                error = f"the engine did not answer within {ENGINE_TIMEOUT_S:g} s"
+            return {**entry, "model_id": self._model_ids.get(name), "error": error}
+        queue = engine_queue(metrics.body.decode("utf-8", errors="replace"))
+        return {**entry, "model_id": model_id, **queue, "engine_sampled_replicas": 1}
+
+    async def _model_id(self, name: str) -> str:
+        if name not in self._model_ids:
+            info = await self._models[name].call.remote("GET", "/info")
+            self._model_ids[name] = str(json.loads(info.body).get("model_id") or "")
+        return self._model_ids[name]
+
+
+def engine_queue(metrics_text: str) -> dict[str, int]:
+    """`{"queued_requests": n, "running_requests": n}` from an engine's /metrics text."""
+    found: dict[str, int] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        key = _ENGINE_GAUGES.get(family.name)
+        if key is not None and family.samples:
+            found[key] = int(sum(sample.value for sample in family.samples))
+    return found
+
+
+def replica_counts(status: ServeStatus, app_name: str, deployment_name: str) -> dict[str, Any]:
+    """The deployment's status and its replicas by state (RUNNING, STARTING, ...)."""
+    app = status.applications.get(app_name)
+    deployment = app.deployments.get(deployment_name) if app is not None else None
+    if deployment is None:
+        return {"status": "NOT_FOUND", "running_replicas": 0, "replica_states": {}}
+    # The states are str enums: `.value` is the plain name a JSON answer needs.
+    states = {_plain(state): n for state, n in deployment.replica_states.items()}
+    return {
+        "status": _plain(deployment.status),
+        "running_replicas": states.get("RUNNING", 0),
+        "replica_states": states,
+    }
+
+
+def _plain(value: object) -> str:
+    return str(getattr(value, "value", value))
