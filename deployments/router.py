@@ -19,6 +19,7 @@ import random
 from collections.abc import Hashable, Sequence
 
 from ray.serve.request_router import (
+    FIFOMixin,
     PendingRequest,
     ReplicaID,
     ReplicaResult,
@@ -70,8 +71,18 @@ def rank_by_score(
     return ranked
 
 
-class TGIRequestRouter(RequestRouter):
-    """Batching-aware ranking with prefix affinity; see the module docstring."""
+class TGIRequestRouter(FIFOMixin, RequestRouter):
+    """Batching-aware ranking with prefix affinity; see the module docstring.
+
+    A replica chosen for a request goes to that very request (its affinity and its
+    reservation were computed for it), matched by internal request id. Handle calls made
+    inside one Serve request share their parent's id, so when the match finds none (its
+    namesake took it), FIFOMixin's fallback hands the replica to the oldest waiting request:
+    without it, a second concurrent call under one request id would wait forever.
+    """
+
+    def _get_pending_request_matching_metadata(self, request_metadata=None):
+        return self._get_pending_request_matching_internal_request_id(request_metadata)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
