@@ -10,7 +10,12 @@ import sys
 
 import uvicorn
 
-from engine.args import check_batch_total_tokens, parse_launcher_args, resolve_token_limits
+from engine.args import (
+    check_batch_total_tokens,
+    parse_launcher_args,
+    resolve_num_shard,
+    resolve_token_limits,
+)
 from engine.weights import resolve_model_dir
 
 log = logging.getLogger("engine")
@@ -71,6 +76,7 @@ def build(args):
     model_config = AutoConfig.from_pretrained(model_dir)
     import torch
 
+    args.num_shard = resolve_num_shard(args.sharded, args.num_shard, torch.cuda.device_count())
     # As TGI on a GPU: with no --max-batch-total-tokens, the KV cache takes what memory is left.
     on_gpu = torch.cuda.is_available() and args.max_batch_total_tokens is None
     resolve_token_limits(args, model_config.max_position_embeddings, size_from_memory=on_gpu)
@@ -85,11 +91,15 @@ def build(args):
             enable_prefix_caching=args.prefix_caching,
             max_waiting_tokens=args.max_waiting_tokens,
             dtype=args.dtype,
+            num_shard=args.num_shard,
+            master_addr=args.master_addr,
+            master_port=args.master_port,
+            shard_uds_path=args.shard_uds_path,
         )
     )
     args.max_batch_total_tokens = engine.config.max_batch_total_tokens
     check_batch_total_tokens(args)
-    log.info("model %s loaded from %s", args.model_id, model_dir)
+    log.info("model %s loaded from %s, num_shard=%d", args.model_id, model_dir, args.num_shard)
     log.info("Setting max batch total tokens to %d", args.max_batch_total_tokens)  # TGI's line
     limits = Limits(
         max_concurrent_requests=args.max_concurrent_requests,

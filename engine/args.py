@@ -33,8 +33,8 @@ class Flag:
 FLAGS = [
     Flag("model-id", str, "HuggingFaceTB/SmolLM2-135M-Instruct", "Hub id, local dir or .gguf"),
     Flag("revision", str, None, "Hub revision of the model"),
-    Flag("num-shard", int, 1, "Number of tensor-parallel shards", implemented=False),
-    Flag("sharded", bool, None, "Shard the model across devices", implemented=False),
+    Flag("num-shard", int, None, "Tensor-parallel shards: one process (and one GPU) each"),
+    Flag("sharded", bool, None, "Shard over every visible GPU (true) or not at all (false)"),
     Flag("quantize", str, None, "Quantization method", implemented=False),
     Flag("dtype", str, None, "float32 | float16 | bfloat16 (default: fp32 on CPU, bf16 on GPU)"),
     Flag("max-concurrent-requests", int, 128, "Requests in flight before 429"),
@@ -54,8 +54,9 @@ FLAGS = [
     Flag("cuda-graphs", str, None, "", implemented=False),
     Flag("hostname", str, "0.0.0.0", "Address to listen on"),
     Flag("port", int, 3000, "Port to listen on"),
-    Flag("master-port", int, 29500, "torch.distributed port of the shards", implemented=False),
-    Flag("shard-uds-path", str, "/tmp/text-generation-server", "", implemented=False),
+    Flag("master-addr", str, "127.0.0.1", "torch.distributed address of shard 0"),
+    Flag("master-port", int, 29500, "torch.distributed port of shard 0"),
+    Flag("shard-uds-path", str, "/tmp/text-generation-server", "Shard processes' names: PATH-RANK"),
     Flag("huggingface-hub-cache", str, None, "Hub cache directory"),
     Flag("cuda-memory-fraction", float, 1.0, "GPU memory share for weights + KV cache"),
     Flag("json-output", bool, False, "Log as JSON lines"),
@@ -112,6 +113,29 @@ def parse_launcher_args(argv: Sequence[str], environ: Mapping[str, str]) -> argp
             log.warning("--%s=%s is accepted but has no effect in the embedded engine yet",
                         flag.name, value)  # fmt: skip
     return args
+
+
+def resolve_num_shard(sharded: bool | None, num_shard: int | None, num_gpus: int) -> int:
+    """The number of shards, by TGI's launcher rule: `--sharded true` alone shards over every
+    visible GPU. Stricter than TGI, `--sharded false` with `--num-shard` > 1 is refused."""
+    if num_shard is None:
+        if not sharded:
+            return 1
+        if num_gpus <= 1:
+            raise ValueError(
+                f"`--sharded true` needs --num-shard or more than one GPU; found {num_gpus} "
+                "CUDA devices (give --num-shard N to shard on CPU)"
+            )
+        return num_gpus
+    if num_shard < 1:
+        raise ValueError(f"`--num-shard` must be >= 1, got {num_shard}")
+    if sharded is True and num_shard == 1:
+        raise ValueError("`--sharded true` contradicts `--num-shard 1`")
+    if sharded is False and num_shard > 1:
+        raise ValueError(f"`--sharded false` contradicts `--num-shard {num_shard}`")
+    if 0 < num_gpus < num_shard:
+        raise ValueError(f"`--num-shard {num_shard}` needs one GPU per shard; found {num_gpus}")
+    return num_shard
 
 
 def resolve_token_limits(

@@ -77,9 +77,11 @@ class AsyncEngine:
                 self._post(("abort", request_id))
 
     def shutdown(self) -> None:
+        """Stop the loop thread after its current step, then the engine (and its shards)."""
         self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     def _post(self, command: tuple) -> None:
         self._commands.put(command)

@@ -6,7 +6,7 @@ its block ids in order. These are plain torch functions (SDPA underneath), so th
 runs on CPU and CUDA; a fused paged-attention kernel can later replace them behind these names.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,24 @@ class AttentionMetadata:
     context_slots: torch.Tensor | None = None
     context_mask: torch.Tensor | None = None  # [b, 1, 1, max_context_len] bool, True = attend;
     # None when every sequence has the same context length (no padding to mask).
+
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        """The same metadata with its tensors on `device` (itself when they already are):
+        how a step's inputs travel to another tensor-parallel shard."""
+        if self.slot_mapping.device == device:
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        context = self.prefill_context_slots
+        return replace(
+            self,
+            slot_mapping=self.slot_mapping.to(device),
+            prefill_context_slots=None if context is None else [t.to(device) for t in context],
+            context_slots=move(self.context_slots),
+            context_mask=move(self.context_mask),
+        )
 
 
 def store_kv(

@@ -24,9 +24,16 @@ class EngineConfig:
     block_size: int = 16
     dtype: str | None = None  # None -> float32 on CPU, bfloat16 on CUDA
     device: str | None = None  # None -> "cuda" if available else "cpu"
+    # Tensor parallelism: this process is rank 0 and spawns ranks 1..num_shard-1, which join
+    # it over torch.distributed at tcp://master_addr:master_port (see engine/distributed.py).
+    num_shard: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    shard_uds_path: str = "/tmp/text-generation-server"  # shard r is named f"{path}-{r}"
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_total_tokens", "max_batch_prefill_tokens", "block_size"):
+        for name in ("max_batch_total_tokens", "max_batch_prefill_tokens", "block_size",
+                     "num_shard"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_size is not None and self.max_batch_size < 1:

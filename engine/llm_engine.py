@@ -52,6 +52,10 @@ class LLMEngine:
         if self.scheduler.abort(request_id) is not None:
             self.model_runner.release(request_id)
 
+    def shutdown(self) -> None:
+        """Release what outlives the object: the other shards' processes, when sharded."""
+        self.model_runner.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_seqs()
 

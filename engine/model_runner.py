@@ -6,73 +6,24 @@ forward pass for the whole batch and samples one token per sequence (plus, on pr
 logprobs for the sequences that ask).
 """
 
-import glob
 import math
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 from transformers import PretrainedConfig
 
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig
-from engine.models.llama import KVCache, LlamaForCausalLM
+from engine.distributed import ShardGroup, init_process_group
+from engine.model_loader import load_model, resolve_device_dtype
+from engine.models.llama import KVCache
 from engine.sampling import Sampler, TopTokens
 from engine.sequence import Sequence
-
-# config.json "architectures" entry -> model class
-MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {"LlamaForCausalLM": LlamaForCausalLM}
+from engine.tensor_parallel import TensorParallel, check_shardable
 
 # Prompt positions whose logits are computed at once for prefill logprobs: bounds that step's
 # extra memory to PREFILL_LOGITS_CHUNK * vocab floats.
 PREFILL_LOGITS_CHUNK = 1024
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    """Default to CUDA in bf16 when available, else CPU in fp32."""
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if config.dtype is None:
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    if config.dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {config.dtype!r}; choose from {sorted(DTYPES)}")
-    return device, DTYPES[config.dtype]
-
-
-def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every *.safetensors file in model_dir, on CPU."""
-    paths = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not paths:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    for path in paths:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
-
-
-def load_model(
-    model_config: PretrainedConfig,
-    model_dir: str,
-    max_positions: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> LlamaForCausalLM:
-    """Build the model without initialising it (meta device), then fill it from safetensors."""
-    architectures = getattr(model_config, "architectures", None) or ["LlamaForCausalLM"]
-    model_cls = MODEL_REGISTRY.get(architectures[0])
-    if model_cls is None:
-        raise ValueError(
-            f"unsupported architecture {architectures[0]!r}; have {list(MODEL_REGISTRY)}"
-        )
-    with torch.device("meta"):
-        model = model_cls(model_config, max_positions)
-    model = model.to(dtype).to_empty(device=device)
-    model.rotary_emb.reset_parameters()  # buffers are recomputed, not loaded
-    model.load_weights(iter_safetensors(model_dir))
-    return model.eval()
 
 
 @dataclass(frozen=True)
@@ -87,23 +38,51 @@ class RunOutput:
 
 
 class ModelRunner:
-    """Runs one scheduled batch: prepare inputs, forward, logits of last positions, sample."""
+    """Runs one scheduled batch: prepare inputs, forward, logits of last positions, sample.
 
-    def __init__(self, config: EngineConfig, model_config: PretrainedConfig) -> None:
+    Sharded (config.num_shard > 1), rank 0's runner spawns the other ranks and sends them each
+    step's inputs; theirs only run `forward` on what they receive (engine/shard.py).
+    """
+
+    def __init__(self, config: EngineConfig, model_config: PretrainedConfig, rank: int = 0) -> None:
         self.block_size = config.block_size
-        self.device, self.dtype = resolve_device_dtype(config)
+        self.device, self.dtype = resolve_device_dtype(config, rank)
+        self.tp = TensorParallel(rank, config.num_shard)
+        self.shards: ShardGroup | None = None  # rank 0's handle on the others, when sharded
+        if config.num_shard > 1:
+            check_shardable(model_config.num_key_value_heads, config.num_shard)
+            if rank == 0:
+                self.shards = ShardGroup(config)
+        try:
+            self._load(config, model_config)
+        except BaseException:
+            self.shutdown()  # no shard outlives a failed start
+            raise
+        self.sampler = Sampler()
+
+    def _load(self, config: EngineConfig, model_config: PretrainedConfig) -> None:
+        """Join the other shards, if any, load this rank's weights and allocate its cache."""
+        if config.num_shard > 1:
+            init_process_group(config, self.tp.rank, self.device)
         max_positions = max(
             getattr(model_config, "max_position_embeddings", 0), config.max_batch_total_tokens or 0
         )
         self.model = load_model(
-            model_config, config.model_dir, max_positions, self.device, self.dtype
+            model_config, config.model_dir, max_positions, self.device, self.dtype, self.tp
         )
         if config.max_batch_total_tokens is None:
-            self.num_kv_blocks = self._blocks_that_fit(model_config, config)
+            num_kv_blocks = self._blocks_that_fit(model_config, config)
         else:
-            self.num_kv_blocks = config.num_kv_blocks
+            num_kv_blocks = config.num_kv_blocks
+        # Shards size their caches alike; when sharded this is also the start-up handshake
+        # that waits for every shard to have loaded its weights.
+        self.num_kv_blocks = self.tp.min_over_ranks(num_kv_blocks, self.device)
         self.kv_caches = self._allocate_kv_cache(model_config, self.num_kv_blocks)
-        self.sampler = Sampler()
+
+    def shutdown(self) -> None:
+        """Stop the other shards (nothing to do unsharded)."""
+        if self.shards is not None:
+            self.shards.stop()
 
     @torch.inference_mode()
     def _blocks_that_fit(self, model_config: PretrainedConfig, config: EngineConfig) -> int:
@@ -262,12 +241,23 @@ class ModelRunner:
                 out.append(None)
         return out
 
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [n]
+        positions: torch.Tensor,  # [n]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [n, hidden]
+        """The model over the batch, writing its K/V into this rank's cache."""
+        return self.model(input_ids, positions, self.kv_caches, meta)
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> RunOutput:
-        """Forward the batch and sample one token per sequence."""
+        """Forward the batch (on every shard) and sample one token per sequence."""
         prepare = self.prepare_prefill if is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(seqs)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [n, hidden]
+        if self.shards is not None:
+            self.shards.broadcast((input_ids, positions, meta))
+        hidden = self.forward(input_ids, positions, meta)  # [n, hidden]
         prefill_logprobs: list[tuple[float | None, ...] | None] = [None] * len(seqs)
         if is_prefill:
             # Only sequences whose chunk ends their prompt sample; the others read on later.

@@ -3,6 +3,11 @@
 The batch is packed: `input_ids` and `positions` are flat [num_tokens] tensors covering every
 sequence of the step (whole prompts on prefill, one token per sequence on decode). Weights use
 Hugging Face names; q/k/v and gate/up are fused at load time into one matmul each.
+
+Tensor parallelism (Megatron style, see engine/tensor_parallel.py): each rank owns a contiguous
+group of KV heads with their query heads, and a slice of the MLP features. q/k/v and gate/up
+are column-parallel (the rank's rows), o_proj and down_proj row-parallel (its columns), each
+followed by one all-reduce. Embedding, norms, rotary tables and LM head are replicated.
 """
 
 from collections.abc import Iterable
@@ -14,6 +19,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention import AttentionMetadata, decode_attention, prefill_attention, store_kv
+from engine.tensor_parallel import TensorParallel, row_parallel_linear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_blocks, block_size, kv_heads, head_dim]
 
@@ -84,17 +90,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        # This rank's heads: its KV heads and the query heads of their GQA groups.
+        _, self.num_kv_heads = tp.part(config.num_key_value_heads)
+        self.num_heads = self.num_kv_heads * _queries_per_kv(config)
         self.head_dim = _head_dim(config)
         self.scale = self.head_dim**-0.5
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = getattr(config, "attention_bias", False)
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
+        self.o_proj = row_parallel_linear(self.q_size, config.hidden_size, bias, tp)
 
     def forward(
         self,
@@ -120,12 +127,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, tp: TensorParallel) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        _, self.intermediate_size = tp.part(config.intermediate_size)  # this rank's features
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
+        self.down_proj = row_parallel_linear(self.intermediate_size, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each [num_tokens, intermediate]
@@ -133,12 +140,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, tp)
 
     def forward(self, x, cos, sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
@@ -157,12 +164,17 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: LlamaConfig, max_positions: int) -> None:
+    def __init__(
+        self, config: LlamaConfig, max_positions: int, tp: TensorParallel | None = None
+    ) -> None:
         super().__init__()
         self.config = config
+        tp = tp or TensorParallel()
+        # HF projection -> what this rank loads of it; empty when unsharded (load it whole)
+        self.rank_slices = rank_slices(config, tp) if tp.world_size > 1 else {}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, tp) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, max_positions)
@@ -204,6 +216,8 @@ class LlamaForCausalLM(nn.Module):
             fused, shard = self.stacked_params.get(parts[-2], (None, 0))
             if fused is not None:
                 name = ".".join([*parts[:-2], fused, parts[-1]])
+            if parts[-2] in self.rank_slices:
+                tensor = self._rank_slice(tensor, *self.rank_slices[parts[-2]])
             self._shard(params[name], name, shard).copy_(tensor)
             missing.discard((name, shard))
         if missing:
@@ -215,7 +229,7 @@ class LlamaForCausalLM(nn.Module):
             attn = self.layers[0].self_attn
             return [attn.q_size, attn.kv_size, attn.kv_size]
         if ".gate_up_proj." in name:
-            return [self.config.intermediate_size] * 2
+            return [self.layers[0].mlp.intermediate_size] * 2
         return None
 
     def _num_shards(self, name: str) -> int:
@@ -227,6 +241,34 @@ class LlamaForCausalLM(nn.Module):
         if sizes is None:
             return param
         return param.narrow(0, sum(sizes[:shard]), sizes[shard])
+
+    @staticmethod
+    def _rank_slice(tensor: torch.Tensor, dim: int, start: int, size: int) -> torch.Tensor:
+        """This rank's rows (dim 0) or columns (dim 1) of an HF weight or bias. A row-parallel
+        layer's bias (1-D, split on dim 1) is not split: it is added once, after the sum."""
+        if dim >= tensor.dim():
+            return tensor
+        return tensor.narrow(dim, start, size)
+
+
+def rank_slices(config: LlamaConfig, tp: TensorParallel) -> dict[str, tuple[int, int, int]]:
+    """HF projection name -> (dim, start, size): the rows (column-parallel) or columns
+    (row-parallel) of its weight that this rank loads."""
+    head_dim = _head_dim(config)
+    kv_start, num_kv_heads = tp.part(config.num_key_value_heads)
+    queries = _queries_per_kv(config)
+    q = (kv_start * queries * head_dim, num_kv_heads * queries * head_dim)
+    kv = (kv_start * head_dim, num_kv_heads * head_dim)
+    mlp = tp.part(config.intermediate_size)
+    return {
+        "q_proj": (0, *q), "k_proj": (0, *kv), "v_proj": (0, *kv), "o_proj": (1, *q),
+        "gate_proj": (0, *mlp), "up_proj": (0, *mlp), "down_proj": (1, *mlp),
+    }  # fmt: skip
+
+
+def _queries_per_kv(config: LlamaConfig) -> int:
+    """Query heads sharing one KV head (grouped-query attention)."""
+    return config.num_attention_heads // config.num_key_value_heads
 
 
 def _head_dim(config: LlamaConfig) -> int:
