@@ -12,6 +12,7 @@ import uvicorn
 
 from engine.args import (
     check_batch_total_tokens,
+    parse_cuda_graphs,
     parse_launcher_args,
     resolve_num_shard,
     resolve_token_limits,
@@ -92,6 +93,7 @@ def build(args):
             max_waiting_tokens=args.max_waiting_tokens,
             dtype=args.dtype,
             num_shard=args.num_shard,
+            cuda_graphs=parse_cuda_graphs(args.cuda_graphs),
             master_addr=args.master_addr,
             master_port=args.master_port,
             shard_uds_path=args.shard_uds_path,

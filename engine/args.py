@@ -51,7 +51,7 @@ FLAGS = [
     Flag("max-batch-size", int, None, "Most sequences in the running batch"),
     # TGI reads PREFIX_CACHING from the environment; the flag spells the same switch.
     Flag("prefix-caching", bool, True, "Reuse the KV cache of shared prompt prefixes"),
-    Flag("cuda-graphs", str, None, "", implemented=False),
+    Flag("cuda-graphs", str, None, "Decode batch sizes to capture, e.g. 1,2,4,8; 0 disables"),
     Flag("hostname", str, "0.0.0.0", "Address to listen on"),
     Flag("port", int, 3000, "Port to listen on"),
     Flag("master-addr", str, "127.0.0.1", "torch.distributed address of shard 0"),
@@ -136,6 +136,22 @@ def resolve_num_shard(sharded: bool | None, num_shard: int | None, num_gpus: int
     if 0 < num_gpus < num_shard:
         raise ValueError(f"`--num-shard {num_shard}` needs one GPU per shard; found {num_gpus}")
     return num_shard
+
+
+def parse_cuda_graphs(value: str | None) -> tuple[int, ...] | None:
+    """`--cuda-graphs 1,2,4,8` -> (1, 2, 4, 8); `0` -> () (no graphs); unset -> None."""
+    if value is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        message = f"`--cuda-graphs` takes batch sizes like 1,2,4,8 or 0; got {value!r}"
+        raise ValueError(message) from None
+    if sizes == (0,):
+        return ()
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"`--cuda-graphs` batch sizes must be >= 1 (or just 0); got {value!r}")
+    return sizes
 
 
 def resolve_token_limits(

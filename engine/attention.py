@@ -2,14 +2,18 @@
 
 Cache layout, per layer: `k_cache`, `v_cache` of shape [num_blocks, block_size, num_kv_heads,
 head_dim]. A token's slot is `block_id * block_size + offset`; a sequence's block table lists
-its block ids in order. These are plain torch functions (SDPA underneath), so the same code
-runs on CPU and CUDA; a fused paged-attention kernel can later replace them behind these names.
+its block ids in order. Prefill and the CPU decode are plain torch functions (SDPA
+underneath); on CUDA, decode reads the cache in place through the block tables with a Triton
+kernel (engine/triton_paged_attention.py), chosen once here at import.
 """
 
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+if torch.cuda.is_available():
+    from engine.triton_paged_attention import paged_decode_attention
 
 
 @dataclass
@@ -29,6 +33,9 @@ class AttentionMetadata:
     context_slots: torch.Tensor | None = None
     context_mask: torch.Tensor | None = None  # [b, 1, 1, max_context_len] bool, True = attend;
     # None when every sequence has the same context length (no padding to mask).
+    # Paged decode (CUDA) reads the cache through the block tables instead of context_slots.
+    block_tables: torch.Tensor | None = None  # [b, max_blocks] int32, padded with block 0
+    context_lens: torch.Tensor | None = None  # [b] int32, the new token included
 
     def to(self, device: torch.device) -> "AttentionMetadata":
         """The same metadata with its tensors on `device` (itself when they already are):
@@ -46,6 +53,8 @@ class AttentionMetadata:
             prefill_context_slots=None if context is None else [t.to(device) for t in context],
             context_slots=move(self.context_slots),
             context_mask=move(self.context_mask),
+            block_tables=move(self.block_tables),
+            context_lens=move(self.context_lens),
         )
 
 
@@ -135,6 +144,11 @@ def decode_attention(
     scale: float,
 ) -> torch.Tensor:  # [b, num_heads, head_dim]
     """Attention of each sequence's newest token over its cached context (itself included)."""
+    if meta.block_tables is not None:
+        assert meta.context_lens is not None
+        return paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
+        )
     assert meta.context_slots is not None
     k = gather_kv(k_cache, meta.context_slots, q.shape[0])
     v = gather_kv(v_cache, meta.context_slots, q.shape[0])

@@ -24,6 +24,9 @@ class EngineConfig:
     block_size: int = 16
     dtype: str | None = None  # None -> float32 on CPU, bfloat16 on CUDA
     device: str | None = None  # None -> "cuda" if available else "cpu"
+    # Decode batch sizes captured as CUDA graphs (CUDA, unsharded); None: TGI's default
+    # buckets; (): eager decode.
+    cuda_graphs: tuple[int, ...] | None = None
     # Tensor parallelism: this process is rank 0 and spawns ranks 1..num_shard-1, which join
     # it over torch.distributed at tcp://master_addr:master_port (see engine/distributed.py).
     num_shard: int = 1

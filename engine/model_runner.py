@@ -13,6 +13,7 @@ import torch
 from transformers import PretrainedConfig
 
 from engine.attention import AttentionMetadata
+from engine.batch_inputs import BatchInputBuilder
 from engine.config import EngineConfig
 from engine.distributed import ShardGroup, init_process_group
 from engine.model_loader import load_model, resolve_device_dtype
@@ -21,9 +22,15 @@ from engine.sampling import Sampler, TopTokens
 from engine.sequence import Sequence
 from engine.tensor_parallel import TensorParallel, check_shardable
 
+if torch.cuda.is_available():
+    from engine.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
+
 # Prompt positions whose logits are computed at once for prefill logprobs: bounds that step's
 # extra memory to PREFILL_LOGITS_CHUNK * vocab floats.
 PREFILL_LOGITS_CHUNK = 1024
+
+# Share of GPU memory left out of the KV cache when it is sized from memory.
+CUDA_HEADROOM_FRACTION = 0.03
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class ModelRunner:
             self.shutdown()  # no shard outlives a failed start
             raise
         self.sampler = Sampler()
+        self.inputs = BatchInputBuilder(self.block_size, self.device, self.device.type == "cuda")
+        self.graphs = self._capture_graphs(config) if self._use_graphs else None
 
     def _load(self, config: EngineConfig, model_config: PretrainedConfig) -> None:
         """Join the other shards, if any, load this rank's weights and allocate its cache."""
@@ -77,7 +86,22 @@ class ModelRunner:
         # Shards size their caches alike; when sharded this is also the start-up handshake
         # that waits for every shard to have loaded its weights.
         self.num_kv_blocks = self.tp.min_over_ranks(num_kv_blocks, self.device)
-        self.kv_caches = self._allocate_kv_cache(model_config, self.num_kv_blocks)
+        # CUDA graphs pad batches with rows that write their K/V to one extra block, which
+        # the block manager never hands out.
+        self._use_graphs = (self.device.type == "cuda" and config.num_shard == 1
+                            and config.cuda_graphs != ())  # fmt: skip
+        num_blocks = self.num_kv_blocks + (1 if self._use_graphs else 0)
+        self.kv_caches = self._allocate_kv_cache(model_config, num_blocks)
+
+    def _capture_graphs(self, config: EngineConfig) -> "DecodeGraphs":
+        max_positions = self.model.rotary_emb.max_positions
+        return DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            config.cuda_graphs or DEFAULT_BATCH_SIZES,
+            max_blocks_per_seq=-(-max_positions // self.block_size),
+            scratch_slot=self.num_kv_blocks * self.block_size,
+        )
 
     def shutdown(self) -> None:
         """Stop the other shards (nothing to do unsharded)."""
@@ -95,24 +119,28 @@ class ModelRunner:
         warmup_cache = self._allocate_kv_cache(model_config, -(-num_tokens // self.block_size))
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
         slots = torch.arange(num_tokens, device=self.device)  # [n]
         meta = AttentionMetadata(is_prefill=True, slot_mapping=slots, seq_lens=[num_tokens])
         hidden = self.model(torch.zeros_like(slots), slots, warmup_cache, meta)  # [n, hidden]
         self.model.compute_logits(hidden[-1:])
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        warmup_bytes = sum(k.nbytes + v.nbytes for k, v in warmup_cache)
+        activations = torch.cuda.max_memory_allocated(self.device) - before
         del warmup_cache, hidden
         torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = total * config.cuda_memory_fraction - (peak - warmup_bytes)
+        # Free memory, not total: the CUDA context, cuBLAS and NCCL hold memory PyTorch does
+        # not count. The headroom covers CUDA graphs' pool and allocator fragmentation.
+        free, total = torch.cuda.mem_get_info(self.device)
+        headroom = CUDA_HEADROOM_FRACTION * total
+        budget = free - total * (1 - config.cuda_memory_fraction) - activations - headroom
         # K and V, in every layer
         block_elements = 2 * model_config.num_hidden_layers * math.prod(self._kv_shape(1))
         bytes_per_block = block_elements * self.dtype.itemsize
         num_blocks = int(budget // bytes_per_block)
         if num_blocks < 1:
-            raise ValueError(f"no room for a KV cache: peak use {peak} B of {total} B "
-                             f"x {config.cuda_memory_fraction}")  # fmt: skip
+            raise ValueError(f"no room for a KV cache: {free} B free of {total} B, a prefill "
+                             f"needs {activations} B, fraction "
+                             f"{config.cuda_memory_fraction}")  # fmt: skip
         return num_blocks
 
     def _kv_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
@@ -133,73 +161,6 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         """Drop per-request state (the sampler's generator) once a request is done."""
         self.sampler.release(request_id)
-
-    def _slots(self, seq: Sequence) -> list[int]:
-        """Cache slots of all the sequence's tokens, in order (its blocks, the last one cut)."""
-        slots: list[int] = []
-        for block_id in seq.block_table:
-            start = block_id * self.block_size
-            slots.extend(range(start, start + self.block_size))
-        del slots[seq.num_tokens :]
-        return slots
-
-    def _tensor(self, data: list[int]) -> torch.Tensor:
-        return torch.tensor(data, dtype=torch.long).to(self.device, non_blocking=True)
-
-    def prepare_prefill(
-        self, seqs: list[Sequence]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Pack each sequence's prompt chunk (the prefill_chunk tokens after its cached ones):
-        (input_ids [n], positions [n], metadata with seq_lens and the cached contexts)."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        context_slots: list[list[int]] = []  # per sequence: slots of all its tokens
-        for seq in seqs:
-            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.prefill_chunk
-            slots = self._slots(seq)[:end]
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slot_mapping.extend(slots[start:])
-            context_slots.append(slots)
-        has_cached = any(seq.num_cached_tokens for seq in seqs)
-        meta = AttentionMetadata(
-            is_prefill=True,
-            slot_mapping=self._tensor(slot_mapping),
-            seq_lens=[seq.prefill_chunk for seq in seqs],
-            cached_lens=[seq.num_cached_tokens for seq in seqs] if has_cached else None,
-            prefill_context_slots=(
-                [self._tensor(slots) for slots in context_slots] if has_cached else None
-            ),
-        )
-        return self._tensor(input_ids), self._tensor(positions), meta
-
-    def prepare_decode(
-        self, seqs: list[Sequence]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """One token per sequence, the last one, whose K/V this step writes and reads back."""
-        context_lens = [seq.num_tokens for seq in seqs]
-        max_context_len = max(context_lens)
-        context_slots = []  # the context's slots, padded to max_context_len with slot 0
-        for seq in seqs:
-            context_slots.extend(self._slots(seq))
-            context_slots.extend([0] * (max_context_len - seq.num_tokens))
-        slot_mapping = [
-            seq.block_table[-1] * self.block_size + seq.last_block_num_tokens - 1 for seq in seqs
-        ]
-        context_mask = None
-        if min(context_lens) != max_context_len:
-            lens = self._tensor(context_lens)  # [b]
-            arange = torch.arange(max_context_len, device=self.device)
-            context_mask = (arange[None] < lens[:, None])[:, None, None]  # [b, 1, 1, max_ctx]
-        meta = AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=self._tensor(slot_mapping),
-            context_slots=self._tensor(context_slots),
-            context_mask=context_mask,
-        )
-        input_ids = self._tensor([seq.last_token_id for seq in seqs])
-        return input_ids, self._tensor([n - 1 for n in context_lens]), meta
 
     def _prefill_logprobs(
         self,
@@ -225,8 +186,8 @@ class ModelRunner:
             return [None] * len(seqs)
         logprobs: list[float] = []  # [r]
         for chunk in range(0, len(rows), PREFILL_LOGITS_CHUNK):  # bounds the [r, vocab] logits
-            chunk_rows = self._tensor(rows[chunk : chunk + PREFILL_LOGITS_CHUNK])
-            chunk_targets = self._tensor(targets[chunk : chunk + PREFILL_LOGITS_CHUNK])
+            chunk_rows = self.inputs.tensor(rows[chunk : chunk + PREFILL_LOGITS_CHUNK])
+            chunk_targets = self.inputs.tensor(targets[chunk : chunk + PREFILL_LOGITS_CHUNK])
             logits = self.model.compute_logits(hidden[chunk_rows]).float()  # [c, vocab]
             chosen = logits.gather(1, chunk_targets[:, None])[:, 0]  # [c]
             logprobs.extend((chosen - logits.logsumexp(dim=-1)).tolist())
@@ -253,29 +214,37 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> RunOutput:
         """Forward the batch (on every shard) and sample one token per sequence."""
-        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
+        prepare = self.inputs.prepare_prefill if is_prefill else self.inputs.prepare_decode
         input_ids, positions, meta = prepare(seqs)
         if self.shards is not None:
             self.shards.broadcast((input_ids, positions, meta))
-        hidden = self.forward(input_ids, positions, meta)  # [n, hidden]
         prefill_logprobs: list[tuple[float | None, ...] | None] = [None] * len(seqs)
-        if is_prefill:
-            # Only sequences whose chunk ends their prompt sample; the others read on later.
-            assert meta.seq_lens is not None
-            prefill_logprobs = self._prefill_logprobs(hidden, seqs)
-            last = (torch.tensor(meta.seq_lens).cumsum(0) - 1).tolist()
-            rows = [row for row, seq in zip(last, seqs, strict=True) if seq.completes_prefill]
-            prefill_logprobs = [lp for lp, seq in zip(prefill_logprobs, seqs, strict=True)
-                                if seq.completes_prefill]  # fmt: skip
-            seqs = [seq for seq in seqs if seq.completes_prefill]
-            if not seqs:
-                return RunOutput([], [], [], [])
-            hidden = hidden[self._tensor(rows)]  # [b, hidden]
-        logits = self.model.compute_logits(hidden)  # [b, vocab]
+        if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs)):
+            logits = self.graphs.run(input_ids, positions, meta)  # [b, vocab]
+        else:
+            hidden = self.forward(input_ids, positions, meta)  # [n, hidden]
+            if is_prefill:
+                # Only sequences whose chunk ends their prompt sample; the others read on.
+                assert meta.seq_lens is not None
+                prefill_logprobs = self._prefill_logprobs(hidden, seqs)
+                last = (torch.tensor(meta.seq_lens).cumsum(0) - 1).tolist()
+                rows = [row for row, seq in zip(last, seqs, strict=True) if seq.completes_prefill]
+                prefill_logprobs = [lp for lp, seq in zip(prefill_logprobs, seqs, strict=True)
+                                    if seq.completes_prefill]  # fmt: skip
+                seqs = [seq for seq in seqs if seq.completes_prefill]
+                if not seqs:
+                    return RunOutput([], [], [], [])
+                hidden = hidden[self.inputs.tensor(rows)]  # [b, hidden]
+            logits = self.model.compute_logits(hidden)  # [b, vocab]
         sampled = self.sampler(logits, seqs)
+        # One device-to-host copy for both: the step's only synchronisation when no request
+        # asks for top tokens or penalties.
+        token_ids, logprobs = torch.stack(
+            [sampled.token_ids.double(), sampled.logprobs.double()]
+        ).tolist()
         return RunOutput(
-            token_ids=sampled.token_ids.tolist(),
-            logprobs=sampled.logprobs.tolist(),
+            token_ids=[int(t) for t in token_ids],
+            logprobs=logprobs,
             top_tokens=sampled.top_tokens,
             prefill_logprobs=prefill_logprobs,
         )

@@ -1,0 +1,206 @@
+"""GPU speed of the embedded engine against the hardware limit and HF transformers, one run.
+
+Llama-3-8B-shaped model, random bf16 weights, fixed output lengths (no EOS), engine API
+in-process (no HTTP). Measured:
+- the HBM copy bandwidth, and from it the batch-1 decode floor (weight bytes / bandwidth);
+- batch-1 decode ms/token (engine, and HF `generate`);
+- 64 x (512 in, 256 out) output tok/s (engine, HF static `generate`, HF `generate_batch`);
+- N chat-like requests (long-tailed lengths, all submitted at once) output tok/s (engine;
+  HF static `generate` in arrival-order batches of 64 over the first --hf-chat-requests,
+  each batch running to its longest output, counting only the tokens each request asked for).
+
+    python -m benchmarks.gpu_speed --out results/gpu_speed.json [--skip-hf]
+"""
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.gpu_engine import LLAMA3_8B, random_model_dir
+from benchmarks.workload import LengthDist
+from engine.args import parse_cuda_graphs
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.protocol import SamplingParams
+
+VOCAB = LLAMA3_8B["vocab_size"]
+
+
+def copy_bandwidth() -> float:
+    """Bytes moved per second by a device-to-device copy (read + write counted)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * src.numel() * reps / (time.perf_counter() - start)
+
+
+def random_prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB - 1, (n,), generator=gen).tolist() for n in lengths]
+
+
+def chat_lengths(num: int, seed: int) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    inputs, outputs = LengthDist.parse("chat:200:2048"), LengthDist.parse("chat:200:1024")
+    return [(inputs.sample(rng), outputs.sample(rng)) for _ in range(num)]
+
+
+def new_engine(model_dir: Path, cuda_graphs: tuple[int, ...] | None) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig(model_dir=str(model_dir), dtype="bfloat16", device="cuda",
+                     max_batch_total_tokens=None, cuda_memory_fraction=0.9,
+                     max_batch_prefill_tokens=8192, cuda_graphs=cuda_graphs)
+    )  # fmt: skip
+
+
+def engine_run(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]) -> dict:
+    """Submit every request at once, run to the end; output tok/s over the wall time."""
+    for i, (prompt, num_new) in enumerate(zip(prompts, outputs, strict=True)):
+        engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=num_new))
+    torch.cuda.synchronize()
+    start, num_tokens, step_times = time.perf_counter(), 0, []
+    while engine.has_unfinished_requests():
+        step_start = time.perf_counter()
+        num_tokens += len(engine.step())
+        step_times.append(time.perf_counter() - step_start)
+    wall = time.perf_counter() - start
+    assert num_tokens == sum(outputs), (num_tokens, sum(outputs))
+    return {"output_tokens": num_tokens, "wall_s": round(wall, 3),
+            "output_tok_s": round(num_tokens / wall, 1), "steps": len(step_times)}  # fmt: skip
+
+
+def engine_batch1_ms(engine: LLMEngine) -> float:
+    engine.add_request("b1", random_prompts([128], 5)[0], SamplingParams(max_new_tokens=128))
+    engine.step()  # prefill
+    times = []
+    while engine.has_unfinished_requests():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def hf_static(model, prompts: list[list[int]], outputs: list[int], batch: int = 64) -> dict:
+    """HF `generate` over arrival-order batches, each padded left and run to its longest
+    output; only the tokens each request asked for count."""
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        chunk, wants = prompts[i : i + batch], outputs[i : i + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device="cuda")
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                            device="cuda")  # fmt: skip
+        longest = max(wants)
+        model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                       do_sample=False, pad_token_id=0)  # fmt: skip
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return {"requests": len(prompts), "output_tokens": sum(outputs), "wall_s": round(wall, 3),
+            "output_tok_s": round(sum(outputs) / wall, 1)}  # fmt: skip
+
+
+def hf_batch1_ms(model) -> float:
+    ids = torch.tensor(random_prompts([128], 5), device="cuda")
+    model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / 128
+
+
+def hf_continuous(model, prompts: list[list[int]], num_new: int) -> dict:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=num_new, min_new_tokens=num_new, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)  # fmt: skip
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=config)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    # Counted from what came back, not assumed from what was asked.
+    total = sum(len(r.generated_tokens) for r in results.values())
+    assert len(results) == len(prompts), f"{len(results)} of {len(prompts)} requests came back"
+    return {"output_tokens": total, "wall_s": round(wall, 3),
+            "output_tok_s": round(total / wall, 1)}  # fmt: skip
+
+
+def run_hf(model_dir: Path, fixed, chat, num_chat: int, report: dict) -> None:
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    with torch.inference_mode():
+        report["hf_batch1_ms_per_token"] = round(hf_batch1_ms(hf), 3)
+        report["hf_static_64x512x256"] = hf_static(hf, *fixed)
+        print(report, flush=True)
+        report["hf_static_chat"] = hf_static(hf, chat[0][:num_chat], chat[1][:num_chat])
+        print(report, flush=True)
+    try:
+        cb = LlamaForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, attn_implementation="paged|sdpa"
+        )
+        cb = cb.cuda().eval()
+        with torch.inference_mode():
+            report["hf_continuous_64x512x256"] = hf_continuous(cb, fixed[0], 256)
+    except Exception as exc:  # noqa: BLE001 - a baseline's failure is reported, not fatal
+        report["hf_continuous_64x512x256"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/ray-tgi-gpu"))
+    p.add_argument("--chat-requests", type=int, default=1000)
+    p.add_argument("--hf-chat-requests", type=int, default=128)
+    p.add_argument("--cuda-graphs", type=str, default=None,
+                   help="decode batch sizes to capture, e.g. 1,2,4; 0: none")  # fmt: skip
+    p.add_argument("--skip-hf", action="store_true")
+    args = p.parse_args()
+    model_dir, weight_bytes = random_model_dir(LLAMA3_8B, args.work_dir / "llama3-8b",
+                                               torch.bfloat16)  # fmt: skip
+    bandwidth = copy_bandwidth()
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "weight_bytes": weight_bytes, "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),
+                    "batch1_floor_ms": round(1000 * weight_bytes / bandwidth, 3)}  # fmt: skip
+    fixed = (random_prompts([512] * 64, 6), [256] * 64)
+    lengths = chat_lengths(args.chat_requests, 7)
+    chat = (random_prompts([n for n, _ in lengths], 8), [m for _, m in lengths])
+    engine = new_engine(model_dir, parse_cuda_graphs(args.cuda_graphs))
+    report["engine_batch1_ms_per_token"] = round(engine_batch1_ms(engine), 3)
+    report["engine_batch1_fraction_of_roofline"] = round(
+        report["batch1_floor_ms"] / report["engine_batch1_ms_per_token"], 3
+    )
+    report["engine_64x512x256"] = engine_run(engine, *fixed)
+    print(report, flush=True)
+    report["engine_chat"] = engine_run(engine, *chat)
+    print(report, flush=True)
+    del engine
+    torch.cuda.empty_cache()
+    if not args.skip_hf:
+        run_hf(model_dir, fixed, chat, args.hf_chat_requests, report)
+        report["ratio_64x512x256_vs_hf_static"] = round(
+            report["engine_64x512x256"]["output_tok_s"]
+            / report["hf_static_64x512x256"]["output_tok_s"], 2
+        )  # fmt: skip
+        report["ratio_chat_vs_hf_static"] = round(
+            report["engine_chat"]["output_tok_s"] / report["hf_static_chat"]["output_tok_s"], 2
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""One step's model inputs, built from the scheduled sequences: flat token ids, positions and
+the `AttentionMetadata` every layer shares (prepare_prefill / prepare_decode)."""
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.sequence import Sequence
+
+Inputs = tuple[torch.Tensor, torch.Tensor, AttentionMetadata]  # input_ids [n], positions [n]
+
+
+class BatchInputBuilder:
+    """Turns sequences and their block tables into device tensors.
+
+    `paged_decode`: decode reads the cache through block tables (the CUDA kernel) rather
+    than through a gathered list of context slots (the CPU path).
+    """
+
+    def __init__(self, block_size: int, device: torch.device, paged_decode: bool) -> None:
+        self.block_size = block_size
+        self.device = device
+        self.paged_decode = paged_decode
+
+    def tensor(self, data: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+
+    def slots(self, seq: Sequence) -> list[int]:
+        """Cache slots of all the sequence's tokens, in order (its blocks, the last one cut)."""
+        slots: list[int] = []
+        for block_id in seq.block_table:
+            start = block_id * self.block_size
+            slots.extend(range(start, start + self.block_size))
+        del slots[seq.num_tokens :]
+        return slots
+
+    def prepare_prefill(self, seqs: list[Sequence]) -> Inputs:
+        """Pack each sequence's prompt chunk (the prefill_chunk tokens after its cached ones):
+        (input_ids [n], positions [n], metadata with seq_lens and the cached contexts)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        context_slots: list[list[int]] = []  # per sequence: slots of all its tokens
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.prefill_chunk
+            slots = self.slots(seq)[:end]
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_mapping.extend(slots[start:])
+            context_slots.append(slots)
+        has_cached = any(seq.num_cached_tokens for seq in seqs)
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self.tensor(slot_mapping),
+            seq_lens=[seq.prefill_chunk for seq in seqs],
+            cached_lens=[seq.num_cached_tokens for seq in seqs] if has_cached else None,
+            prefill_context_slots=(
+                [self.tensor(slots) for slots in context_slots] if has_cached else None
+            ),
+        )
+        return self.tensor(input_ids), self.tensor(positions), meta
+
+    def prepare_decode(self, seqs: list[Sequence]) -> Inputs:
+        """One token per sequence, the last one, whose K/V this step writes and reads back."""
+        context_lens = [seq.num_tokens for seq in seqs]
+        slot_mapping = self.tensor(
+            [seq.block_table[-1] * self.block_size + seq.last_block_num_tokens - 1
+             for seq in seqs]
+        )  # fmt: skip
+        if self.paged_decode:
+            width = max(len(seq.block_table) for seq in seqs)
+            tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+            meta = AttentionMetadata(
+                is_prefill=False,
+                slot_mapping=slot_mapping,
+                block_tables=self.tensor(tables, torch.int32),
+                context_lens=self.tensor(context_lens, torch.int32),
+            )
+        else:
+            meta = self._gathered_decode_metadata(seqs, context_lens, slot_mapping)
+        input_ids = self.tensor([seq.last_token_id for seq in seqs])
+        return input_ids, self.tensor([n - 1 for n in context_lens]), meta
+
+    def _gathered_decode_metadata(
+        self, seqs: list[Sequence], context_lens: list[int], slot_mapping: torch.Tensor
+    ) -> AttentionMetadata:
+        max_context_len = max(context_lens)
+        context_slots = []  # the context's slots, padded to max_context_len with slot 0
+        for seq in seqs:
+            context_slots.extend(self.slots(seq))
+            context_slots.extend([0] * (max_context_len - seq.num_tokens))
+        context_mask = None
+        if min(context_lens) != max_context_len:
+            lens = self.tensor(context_lens)  # [b]
+            arange = torch.arange(max_context_len, device=self.device)
+            context_mask = (arange[None] < lens[:, None])[:, None, None]  # [b, 1, 1, max_ctx]
+        return AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=slot_mapping,
+            context_slots=self.tensor(context_slots),
+            context_mask=context_mask,
+        )
