@@ -8,15 +8,22 @@ Serve builds one router per deployment handle (in the ingress replica), and call
 
 The load of a replica is what its engine reports (`EngineLoad`, polled by the Serve
 controller every `request_routing_stats_period_s` and broadcast to routers), corrected by
-the requests this router sent since (`InFlightLedger`). Its score is the projected batch
-tokens over the KV capacity, or the KV blocks in use if that is higher; the lowest scores
-rank first. A prompt whose prefix a replica served recently goes back there (its prefix
-cache holds the KV) unless that replica's score is more than `affinity_slack` above the
-best one.
+the requests this router sent since (`InFlightLedger`): its score is the projected batch
+tokens over the KV capacity, or the KV blocks in use if that is higher, and its requests are
+those running and queued. Replicas rank as the engine would serve the request:
+  1. those whose KV budget has room for it (score + its tokens' share <= 1) before the
+     others: the engine admits it at once instead of queueing it or, later, preempting;
+  2. among them, fewer requests first: a smaller batch takes in a newcomer sooner (TGI's
+     waiting_served_ratio rule) and steps faster;
+  3. then the lower score.
+A prompt whose prefix a replica served recently goes back there (its prefix cache holds
+the KV) if that replica has room and its score is at most `affinity_slack` above the
+lowest.
 """
 
 import random
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 from ray.serve.request_router import (
     FIFOMixin,
@@ -59,13 +66,28 @@ def load_score(
     return score
 
 
-def rank_by_score(
-    scores: dict[Hashable, float], preferred: Hashable | None, affinity_slack: float
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What the ranking knows of one replica, for the request being routed."""
+
+    score: float  # load_score: projected KV reservation over capacity
+    num_requests: int  # running + queued at its last report + sent since
+    has_room: bool  # the request's tokens fit in the KV budget the score leaves
+
+
+def rank_replicas(
+    loads: dict[Hashable, ReplicaLoad], preferred: Hashable | None, affinity_slack: float
 ) -> list[Hashable]:
-    """Replica ids, lowest score first (ties in random order, so equal replicas share),
-    with `preferred` first if its score is within `affinity_slack` of the best."""
-    ranked = sorted(scores, key=lambda r: (scores[r], random.random()))
-    if preferred in scores and scores[preferred] <= scores[ranked[0]] + affinity_slack:
+    """Replica ids, best first (see the module docstring); equal ones in random order, so
+    they share the requests."""
+    ranked = sorted(
+        loads,
+        key=lambda r: (not loads[r].has_room, loads[r].num_requests, loads[r].score,
+                       random.random()),
+    )  # fmt: skip
+    lowest = min(load.score for load in loads.values())
+    chosen = loads.get(preferred)
+    if chosen is not None and chosen.has_room and chosen.score <= lowest + affinity_slack:
         ranked.remove(preferred)
         ranked.insert(0, preferred)
     return ranked
@@ -128,8 +150,9 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         request = _read(pending_request)
-        ranked_ids = rank_by_score(
-            self._scores(candidate_replicas),
+        num_tokens = self._estimate_tokens(request) if request else 0
+        ranked_ids = rank_replicas(
+            self._loads(candidate_replicas, num_tokens),
             self._prefix_index.lookup(request.prompt) if request else None,
             self._affinity_slack,
         )
@@ -137,15 +160,18 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
             self._ledger.reserve(
                 pending_request.metadata.internal_request_id,
                 ranked_ids[0],
-                self._estimate_tokens(request),
+                num_tokens,
                 self._get_curr_time_s(),
             )
         by_id = {r.replica_id: r for r in candidate_replicas}
         return [[by_id[replica_id]] for replica_id in ranked_ids]
 
-    def _scores(self, replicas: list[RunningReplica]) -> dict[Hashable, float]:
+    def _loads(
+        self, replicas: list[RunningReplica], request_tokens: int
+    ) -> dict[Hashable, ReplicaLoad]:
+        """Each replica's load, given a request of `request_tokens` (0: not a generation)."""
         loads = {r.replica_id: EngineLoad.from_routing_stats(r.routing_stats) for r in replicas}
-        unreported = self._ledger.unreported_tokens(
+        unreported = self._ledger.unreported(
             {r: load.reported_at if load else None for r, load in loads.items()},
             self._get_curr_time_s(),
         )
@@ -153,11 +179,18 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
         # Replicas of one deployment share a configuration: one that has not reported
         # yet most likely has the capacity the others report.
         capacity = max((c for c in capacities if c), default=self._default_capacity_tokens)
-        request_tokens = self._default_max_new_tokens
-        return {
-            r: load_score(load, unreported[r], request_tokens, capacity)
-            for r, load in loads.items()
-        }
+        by_replica = {}
+        for r, load in loads.items():
+            score = load_score(load, unreported[r].num_tokens, self._default_max_new_tokens,
+                               capacity)  # fmt: skip
+            own_capacity = (load.max_batch_total_tokens if load else None) or capacity
+            reported = load.num_running + load.num_queued if load else 0
+            by_replica[r] = ReplicaLoad(
+                score=score,
+                num_requests=max(reported + unreported[r].num_requests, 0),
+                has_room=score + request_tokens / own_capacity <= 1.0,
+            )
+        return by_replica
 
     def _estimate_tokens(self, request: RoutedRequest) -> int:
         return request.estimate_tokens(self._chars_per_token, self._default_max_new_tokens)

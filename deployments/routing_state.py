@@ -54,6 +54,14 @@ class PrefixIndex:
             del self._replica_by_key[key]
 
 
+@dataclass(frozen=True)
+class Unreported:
+    """Work a replica's last report does not show (negative: it shows finished work)."""
+
+    num_tokens: int
+    num_requests: int
+
+
 @dataclass
 class _Sent:
     replica_id: Hashable
@@ -116,30 +124,33 @@ class InFlightLedger:
         if entry is not None and entry.confirmed:
             self._finished.append(_Finished(entry.replica_id, entry.num_tokens, entry.sent_at, now))
 
-    def unreported_tokens(
+    def unreported(
         self, reported_at_by_replica: dict[Hashable, float | None], now: float
-    ) -> dict[Hashable, int]:
-        """Tokens to add to each replica's last report (negative when more finished than
-        started since), given when each replica's last report was taken (None: never)."""
-        delta = dict.fromkeys(reported_at_by_replica, 0)
+    ) -> dict[Hashable, Unreported]:
+        """What to add to each replica's last report, given when it was taken (None:
+        never): tokens and requests, negative when more finished than started since."""
+        num_tokens = dict.fromkeys(reported_at_by_replica, 0)
+        num_requests = dict.fromkeys(reported_at_by_replica, 0)
         expired = now - self._reservation_ttl_s
         for request_id, entry in list(self._sent.items()):
             if not entry.confirmed and entry.sent_at < expired:
                 del self._sent[request_id]
-            elif entry.replica_id in delta:
+            elif entry.replica_id in num_tokens:
                 reported_at = reported_at_by_replica[entry.replica_id]
                 if reported_at is None or entry.sent_at > reported_at or not entry.confirmed:
-                    delta[entry.replica_id] += entry.num_tokens
+                    num_tokens[entry.replica_id] += entry.num_tokens
+                    num_requests[entry.replica_id] += 1
         still_relevant: deque[_Finished] = deque(maxlen=self._max_entries)
         for done in self._finished:
             reported_at = reported_at_by_replica.get(done.replica_id)
             if reported_at is not None and done.finished_at <= reported_at:
                 continue  # this report, and every later one, was taken after it finished
             if reported_at is not None and done.sent_at <= reported_at:
-                delta[done.replica_id] -= done.num_tokens  # the report still counts it
+                num_tokens[done.replica_id] -= done.num_tokens  # the report still counts it
+                num_requests[done.replica_id] -= 1
             still_relevant.append(done)  # a report still in transit may count it
         self._finished = still_relevant
-        return delta
+        return {r: Unreported(num_tokens[r], num_requests[r]) for r in num_tokens}
 
     def forget_replicas_except(self, live_replica_ids: Iterable[Hashable]) -> None:
         live = set(live_replica_ids)

@@ -214,6 +214,9 @@ def _replica_options(d: DeploymentOptions) -> dict[str, Any]:
             max_replicas=a.max_replicas,
             upscale_delay_s=a.upscale_delay_s,
             downscale_delay_s=a.downscale_delay_s,
+            downscale_to_zero_delay_s=a.downscale_to_zero_delay_s,
+            metrics_interval_s=a.metrics_interval_s,
+            look_back_period_s=a.look_back_period_s,
             policy=AutoscalingPolicy(
                 policy_function=f"{EngineQueuePolicy.__module__}:{EngineQueuePolicy.__name__}",
                 policy_kwargs={

@@ -137,12 +137,27 @@ class AutoscalingOptions(_Strict):
     )
     upscale_delay_s: float = Field(30, ge=0, description="Demand lasting this long adds.")
     downscale_delay_s: float = Field(600, ge=0, description="Idle lasting this long removes.")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Idle lasting this long takes the last replica away "
+        "(min_replicas 0); default: downscale_delay_s.",
+    )  # fmt: skip
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="How often each replica reads its engine's queue and reports "
+        "it, and each handle its queued requests, to the autoscaler.",
+    )  # fmt: skip
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window over which the reported metrics are averaged."
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "AutoscalingOptions":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas "
                              f"({self.max_replicas})")  # fmt: skip
+        # Serve only warns, then averages over a window holding at most one report.
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s}) must be > "
+                             f"metrics_interval_s ({self.metrics_interval_s})")  # fmt: skip
         return self
 
 

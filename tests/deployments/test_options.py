@@ -1,6 +1,7 @@
 """Deployment options come from pure classmethods: asserted here without a cluster."""
 
 import pytest
+from ray.serve.config import AutoscalingConfig
 from ray.serve.deployment import Application
 
 from deployments.ingress import Ingress
@@ -51,6 +52,28 @@ def test_autoscaling_on_engine_queues_replaces_a_fixed_replica_count():
         _cfg(deployment={"num_replicas": 2, "autoscaling": {"max_replicas": 3}})
     with pytest.raises(ValueError, match="min_replicas"):
         _cfg(deployment={"autoscaling": {"min_replicas": 4, "max_replicas": 3}})
+
+
+def test_autoscaling_delays_and_metric_windows_reach_serve():
+    autoscaling = {"min_replicas": 0, "max_replicas": 2, "upscale_delay_s": 1,
+                   "downscale_delay_s": 5, "downscale_to_zero_delay_s": 30,
+                   "metrics_interval_s": 0.5, "look_back_period_s": 2}  # fmt: skip
+    cfg = _cfg(deployment={"autoscaling": autoscaling})
+    autoscaling = TGIServer.get_deployment_options(cfg)["autoscaling_config"]
+    assert (autoscaling.upscale_delay_s, autoscaling.downscale_delay_s) == (1, 5)
+    assert autoscaling.downscale_to_zero_delay_s == 30
+    assert (autoscaling.metrics_interval_s, autoscaling.look_back_period_s) == (0.5, 2)
+    # Unset, they are Serve's own defaults (to zero: the downscale delay).
+    default = TGIServer.get_deployment_options(
+        _cfg(deployment={"autoscaling": {"max_replicas": 2}})
+    )["autoscaling_config"]
+    serve_default = AutoscalingConfig()
+    for name in ("upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s",
+                 "metrics_interval_s", "look_back_period_s"):  # fmt: skip
+        assert getattr(default, name) == getattr(serve_default, name), name
+    with pytest.raises(ValueError, match="look_back_period_s"):
+        _cfg(deployment={"autoscaling": {"max_replicas": 2, "metrics_interval_s": 5,
+                                         "look_back_period_s": 5}})  # fmt: skip
 
 
 def test_tgi_server_max_ongoing_follows_the_launcher_unless_set():

@@ -22,7 +22,7 @@ from deployments.autoscaling import ENGINE_BATCH_TOKEN_USAGE, ENGINE_QUEUED_REQU
 from deployments.engine_load import EngineLoad
 from deployments.routed_request import RoutedRequest, read_routed_request
 from deployments.router import TGIRequestRouter, load_score
-from deployments.routing_state import InFlightLedger, PrefixIndex
+from deployments.routing_state import InFlightLedger, PrefixIndex, Unreported
 from engine.metrics import EngineMetrics
 
 DEPLOYMENT = DeploymentID(name="TGIServer:m", app_name="default")
@@ -148,6 +148,31 @@ def test_kv_blocks_in_use_count_when_they_exceed_the_batch_reservation():
     crowded = FakeReplica("crowded", load(1000, num_free_blocks=10, num_total_blocks=100))
     roomy = FakeReplica("roomy", load(3000, num_free_blocks=60, num_total_blocks=100))
     assert Harness().rank([crowded, roomy], generate_body("hi")) == ["roomy", "crowded"]
+
+
+def batch(num_running: int, batch_tokens: int, queued: int = 0) -> EngineLoad:
+    return EngineLoad(num_queued=queued, num_running=num_running,
+                      num_batch_max_tokens=batch_tokens, reported_at=999.0,
+                      max_batch_total_tokens=CAPACITY)  # fmt: skip
+
+
+def test_among_replicas_with_room_the_smaller_batch_goes_first():
+    # One long generation reserves more KV than four short ones, but a newcomer joins the
+    # single-request batch at once (TGI's waiting_served_ratio rule) and it steps faster.
+    one_long = FakeReplica("one_long", batch(1, 5000))
+    four_short = FakeReplica("four_short", batch(4, 2000))
+    ranked = Harness().rank([four_short, one_long], generate_body("hi", 16))
+    assert ranked == ["one_long", "four_short"]
+
+
+def test_a_replica_without_room_for_the_request_ranks_after_those_with_room():
+    nearly_full = FakeReplica("nearly_full", batch(1, 8500))
+    busy = FakeReplica("busy", batch(3, 3000))
+    h = Harness()
+    assert h.rank([busy, nearly_full], generate_body("hi", 16)) == ["nearly_full", "busy"]
+    # 2000 tokens do not fit in nearly_full's last 1500.
+    long = generate_body("x" * 4000, max_new_tokens=1000)
+    assert h.rank([busy, nearly_full], long) == ["busy", "nearly_full"]
 
 
 def test_routed_requests_count_before_the_next_report_and_completion_undoes_them():
@@ -318,11 +343,11 @@ def test_the_ledger_counts_only_what_the_last_report_cannot_show():
     ledger = InFlightLedger(reservation_ttl_s=5.0)
     ledger.confirm("before", "a", 100, now=10.0)
     ledger.confirm("after", "a", 30, now=20.0)
-    assert ledger.unreported_tokens({"a": 15.0}, now=21.0) == {"a": 30}
-    assert ledger.unreported_tokens({"a": None}, now=21.0) == {"a": 130}
+    assert ledger.unreported({"a": 15.0}, now=21.0) == {"a": Unreported(30, 1)}
+    assert ledger.unreported({"a": None}, now=21.0) == {"a": Unreported(130, 2)}
     ledger.finish("before", now=22.0)  # counted by the report at 15, gone since
-    assert ledger.unreported_tokens({"a": 15.0}, now=23.0) == {"a": 30 - 100}
-    assert ledger.unreported_tokens({"a": 25.0}, now=26.0) == {"a": 0}  # both in the report
+    assert ledger.unreported({"a": 15.0}, now=23.0) == {"a": Unreported(30 - 100, 1 - 1)}
+    assert ledger.unreported({"a": 25.0}, now=26.0) == {"a": Unreported(0, 0)}  # in the report
     ledger.finish("unknown", now=27.0)  # a rejected request: ignored
     assert len(ledger) == 1
 
