@@ -8,7 +8,8 @@ from serve_cluster import deploy_two_models, serve_cluster
 
 @pytest.fixture(scope="module")
 def two_model_app(default_model_dir) -> Iterator[str]:
-    """One local Ray cluster per test module, serving the two-model app; yields its URL."""
+    """One local Ray cluster per test module, serving examples/serve_config_two_models.yaml
+    (whose model id resolves to `default_model_dir`, fetched first); yields its URL."""
     with serve_cluster() as url:
-        deploy_two_models(default_model_dir)
+        deploy_two_models()
         yield url

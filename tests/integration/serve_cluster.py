@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import ray
+import yaml
 from ray import serve
 
 from deployments.launcher import free_port
@@ -28,27 +29,13 @@ CHAT_PROMPT = f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 MID_PROMPT = "one two three four five " * 20
 
 
-def _model(name: str, model_dir: Path, max_input_tokens: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model_id": str(model_dir),
-        "resources": {"num_cpus": 0.25},
-        "deployment": {"startup_timeout_s": 240},
-        "launcher_args": {
-            "max_input_tokens": max_input_tokens,
-            "max_total_tokens": MAX_TOTAL_TOKENS[name],
-            "max_batch_prefill_tokens": 1024,
-            "max_batch_total_tokens": 2048,
-        },
-    }
+TWO_MODELS_CONFIG = REPO_ROOT / "examples" / "serve_config_two_models.yaml"
 
 
-def two_model_args(model_dir: Path) -> dict[str, Any]:
-    """`args` of a ray-tgi app serving the default model twice, `smollm2` first."""
-    return {
-        "models": [_model(FIRST, model_dir, 512), _model(TINY, model_dir, 64)],
-        "ingress": {"num_cpus": 0.1},
-    }
+def two_model_args() -> dict[str, Any]:
+    """`args` of the two-model example config (`smollm2` first), as `serve run` reads them."""
+    config = yaml.safe_load(TWO_MODELS_CONFIG.read_text())
+    return config["applications"][0]["args"]
 
 
 @contextmanager
@@ -70,9 +57,9 @@ def serve_cluster() -> Iterator[str]:
         ray.shutdown()
 
 
-def deploy_two_models(model_dir: Path) -> None:
-    """Deploy the two-model app and wait (bounded by Serve) until both models answer."""
-    serve.run(build_app(two_model_args(model_dir)), name=APP_NAME, route_prefix="/")
+def deploy_two_models() -> None:
+    """Deploy the two-model example app and wait (bounded by Serve) until both answer."""
+    serve.run(build_app(two_model_args()), name=APP_NAME, route_prefix="/")
 
 
 def wait_until(
