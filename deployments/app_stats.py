@@ -39,8 +39,6 @@ class AppStats:
         entry: dict[str, Any] = {"name": name, "deployment": server.deployment_name}
         entry.update(replica_counts(status, server.app_name, server.deployment_name))
         try:
-            # One call after the other: with the batching-aware router, two concurrent
-            # calls to one deployment from inside one request were seen to stall.
             model_id = await asyncio.wait_for(self._model_id(name), ENGINE_TIMEOUT_S)
             metrics = await asyncio.wait_for(
                 server.call.remote("GET", "/metrics"), ENGINE_TIMEOUT_S

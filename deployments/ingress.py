@@ -154,22 +154,18 @@ class Ingress:
         name = requested_model(
             request.path_params.get("model"), request.headers.get(MODEL_HEADER), body_model
         )
-        chosen = choose_model(self._names, name)
-        if chosen is None:
-            if openai:
-                raise OpenAIError.model_not_found(str(name))
-            raise self._not_served(str(name))
-        return self._models[chosen]
+        return self._server_named(name, openai)
 
-    def _server_named(self, model: str | None) -> DeploymentHandle:
+    def _server_named(self, model: str | None, openai: bool = False) -> DeploymentHandle:
         chosen = choose_model(self._names, model)
         if chosen is None:
-            raise self._not_served(str(model))
+            if openai:
+                raise OpenAIError.model_not_found(str(model))
+            served = ", ".join(self._names)
+            raise TGIError(
+                f"model {str(model)!r} is not served here (served: {served})", 404, "not_found"
+            )
         return self._models[chosen]
-
-    def _not_served(self, name: str) -> TGIError:
-        served = ", ".join(self._names)
-        return TGIError(f"model {name!r} is not served here (served: {served})", 404, "not_found")
 
     # --- routes forwarded to a launcher, unchanged -----------------------------------
 
