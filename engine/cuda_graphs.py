@@ -6,25 +6,21 @@ them with one call. Graphs need fixed shapes and addresses, so each step's input
 into static buffers sized for the largest bucket; a batch runs in the smallest bucket that
 holds it, its padding rows writing their K/V into a scratch block no sequence owns. Buckets
 are captured largest first, all sharing one memory pool (the largest's activations cover the
-smaller ones). A batch larger than the largest bucket runs as several replays: each reads the
-weights again, which still costs far less than an eager step (~86 ms on an H100 for an 8B
-model, launch-bound).
+smaller ones).
 
 This is TGI's `--cuda-graphs` (batch sizes to capture; `0` turns graphs off).
 """
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 
 from engine.attention import AttentionMetadata
 from engine.models.llama import KVCache, LlamaForCausalLM
 
-# Finer and larger than TGI's default (1..128): at unlimited rate a big GPU's batch runs to
-# hundreds of sequences (1,000 chat requests reach ~900 on an H200).
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8, *range(16, 257, 16), *range(288, 513, 32),
-                       *range(576, 1025, 64))  # fmt: skip
+# Finer than TGI's default (1..128): at unlimited rate a big GPU's batch runs to hundreds of
+# sequences, and an eager step there costs more in Python than the graph's kernels.
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, *range(16, 257, 16), *range(288, 513, 32))
 
 
 class DecodeGraphs:
@@ -76,31 +72,18 @@ class DecodeGraphs:
             self.graphs[batch] = graph
         torch.cuda.synchronize()
 
+    def can_run(self, batch: int) -> bool:
+        return batch <= self.batch_sizes[-1]
+
     def run(
         self,
         input_ids: torch.Tensor,  # [b]
         positions: torch.Tensor,  # [b]
         meta: AttentionMetadata,  # decode metadata with block_tables and context_lens
-    ) -> torch.Tensor:  # [b, vocab] logits (a view into a graph's output: use before next run)
-        assert meta.block_tables is not None and meta.context_lens is not None
-        largest = self.batch_sizes[-1]
-        if input_ids.shape[0] <= largest:
-            return self._replay(input_ids, positions, meta)
-        chunks = []
-        for start in range(0, input_ids.shape[0], largest):
-            rows = slice(start, start + largest)
-            chunk_meta = replace(meta, slot_mapping=meta.slot_mapping[rows],
-                                 block_tables=meta.block_tables[rows],
-                                 context_lens=meta.context_lens[rows])  # fmt: skip
-            # The graphs share one memory pool: copy each chunk's logits out before the next.
-            chunks.append(self._replay(input_ids[rows], positions[rows], chunk_meta).clone())
-        return torch.cat(chunks)
-
-    def _replay(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:  # [b, vocab], b <= the largest bucket
+    ) -> torch.Tensor:  # [b, vocab] logits (a view into the graph's output: use before next run)
         batch = input_ids.shape[0]
         bucket = next(size for size in self.batch_sizes if size >= batch)
+        assert meta.block_tables is not None and meta.context_lens is not None
         self.input_ids[:batch].copy_(input_ids)
         self.positions[:batch].copy_(positions)
         self.slot_mapping[:batch].copy_(meta.slot_mapping)

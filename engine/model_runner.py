@@ -219,7 +219,7 @@ class ModelRunner:
         if self.shards is not None:
             self.shards.broadcast((input_ids, positions, meta))
         prefill_logprobs: list[tuple[float | None, ...] | None] = [None] * len(seqs)
-        if not is_prefill and self.graphs is not None:
+        if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs)):
             logits = self.graphs.run(input_ids, positions, meta)  # [b, vocab]
         else:
             hidden = self.forward(input_ids, positions, meta)  # [n, hidden]
