@@ -68,15 +68,34 @@ def engine_run(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]) 
     for i, (prompt, num_new) in enumerate(zip(prompts, outputs, strict=True)):
         engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=num_new))
     torch.cuda.synchronize()
-    start, num_tokens, step_times = time.perf_counter(), 0, []
+    start, num_tokens, steps = time.perf_counter(), 0, []
     while engine.has_unfinished_requests():
         step_start = time.perf_counter()
-        num_tokens += len(engine.step())
-        step_times.append(time.perf_counter() - step_start)
+        num_sampled = len(engine.step())  # the step ends with a device-to-host copy: synced
+        steps.append((engine.last_step_was_prefill, num_sampled, time.perf_counter() - step_start))
+        num_tokens += num_sampled
     wall = time.perf_counter() - start
     assert num_tokens == sum(outputs), (num_tokens, sum(outputs))
     return {"output_tokens": num_tokens, "wall_s": round(wall, 3),
-            "output_tok_s": round(num_tokens / wall, 1), "steps": len(step_times)}  # fmt: skip
+            "output_tok_s": round(num_tokens / wall, 1), "steps": len(steps),
+            "time_by_step_kind": step_breakdown(steps)}  # fmt: skip
+
+
+def step_breakdown(steps: list[tuple[bool, int, float]]) -> dict:
+    """Seconds and step counts of prefill steps, and of decode steps by batch size range:
+    where the wall time goes."""
+    buckets: dict[str, list[float]] = {}
+    for is_prefill, batch, seconds in steps:
+        if is_prefill:
+            key = "prefill"
+        else:
+            low = next(b for b in (512, 256, 128, 64, 1) if batch >= b)
+            key = f"decode_batch_{low}+"
+        entry = buckets.setdefault(key, [0, 0.0])
+        entry[0] += 1
+        entry[1] += seconds
+    return {k: {"steps": n, "seconds": round(s, 3), "ms_per_step": round(1000 * s / n, 2)}
+            for k, (n, s) in sorted(buckets.items())}  # fmt: skip
 
 
 def engine_batch1_ms(engine: LLMEngine) -> float:
