@@ -111,15 +111,20 @@ def build(args):
         max_client_batch_size=args.max_client_batch_size,
         max_best_of=args.max_best_of,
         max_top_n_tokens=args.max_top_n_tokens,
+        disable_grammar_support=args.disable_grammar_support,
     )
     metrics = EngineMetrics(
         args.max_input_tokens, args.max_total_tokens, args.max_batch_total_tokens
     )
     async_engine = AsyncEngine(engine, metrics)
     metrics.track_prefix_cache(lambda: async_engine.stats)
-    service = TextGenerationService(
-        async_engine, tokenizer, eos_token_ids(model_dir), limits, metrics
-    )
+    eos_ids = eos_token_ids(model_dir)
+    grammars = None
+    if not args.disable_grammar_support:
+        from engine.grammar import GrammarCompiler
+
+        grammars = GrammarCompiler(tokenizer, model_config.vocab_size, eos_ids)
+    service = TextGenerationService(async_engine, tokenizer, eos_ids, limits, metrics, grammars)
     return create_app(service, info_dict(args), args), async_engine
 
 

@@ -51,6 +51,7 @@ FLAGS = [
     Flag("max-batch-size", int, None, "Most sequences in the running batch"),
     # TGI reads PREFIX_CACHING from the environment; the flag spells the same switch.
     Flag("prefix-caching", bool, True, "Reuse the KV cache of shared prompt prefixes"),
+    Flag("disable-grammar-support", bool, False, "Refuse `grammar`, `response_format` and `tools`"),
     Flag("cuda-graphs", str, None, "Decode batch sizes to capture, e.g. 1,2,4,8; 0 disables"),
     Flag("hostname", str, "0.0.0.0", "Address to listen on"),
     Flag("port", int, 3000, "Port to listen on"),

@@ -1,5 +1,9 @@
 """Logits processors and warpers, in TGI's order, each over the rows of a batch that use it.
 
+Grammar-constrained rows (TGI's `grammar`) get their mask between the penalties and the
+warpers, as in TGI, so the warpers renormalise over the tokens the grammar allows; rows with
+different grammars, and rows with none, share the batch.
+
 `process_logits` runs each step of `PIPELINE` as one vectorised call on just the rows that use
 it, and skips it when no row does, so plain requests pay only a few Python checks. The
 processors are small pure functions over `[s, vocab]` float scores with per-row parameters;
@@ -10,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from engine.grammar import allowed_tokens
 from engine.protocol import SamplingParams
 from engine.sequence import Sequence
 
@@ -142,6 +147,13 @@ def _penalize(scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return scores
 
 
+def _grammar(scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    states = [seq.grammar for seq in seqs]
+    assert all(state is not None for state in states), "grammar rows hold a grammar state"
+    allowed = allowed_tokens(states, scores.shape[-1], scores.device)  # [s, vocab]
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
 def _temperature(scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return scores / _row_values(seqs, lambda seq: seq.params.temperature, scores)[:, None]
 
@@ -164,6 +176,7 @@ def _typical_p(scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 PIPELINE: list[tuple[Callable[[SamplingParams], bool], RowTransform]] = [
     (lambda p: p.watermark, _watermark),
     (lambda p: p.has_penalties, _penalize),
+    (lambda p: p.grammar is not None, _grammar),
     (lambda p: p.temperature not in (None, 1.0), _temperature),
     (lambda p: bool(p.top_k), _top_k),
     (lambda p: p.top_p not in (None, 1.0), _top_p),

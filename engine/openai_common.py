@@ -2,11 +2,15 @@
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TypeVar
 
 from engine.errors import RequestError, ValidationError
 from engine.protocol import PRESENCE_TO_REPETITION_OFFSET
-from engine.schemas import GenerateParameters, OpenAIRequest
+from engine.schemas import GenerateParameters, Grammar, OpenAIRequest
 from engine.service import GeneratedToken, TextGenerationService, ValidRequest
+
+T = TypeVar("T")
 
 SYSTEM_FINGERPRINT = "3.3.6-ray-tgi"
 
@@ -23,7 +27,10 @@ def usage(num_prompt: int, num_generated: int) -> dict:
 
 
 def validate_openai(
-    service: TextGenerationService, body: OpenAIRequest, prompt_ids: list[int]
+    service: TextGenerationService,
+    body: OpenAIRequest,
+    prompt_ids: list[int],
+    grammar: Grammar | None = None,
 ) -> ValidRequest:
     """An OpenAI request mapped onto TGI's parameters the way TGI maps it, then TGI's rules.
 
@@ -44,6 +51,7 @@ def validate_openai(
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=getattr(body, "repetition_penalty", None),
         top_n_tokens=getattr(body, "top_logprobs", None) if wants_logprobs else None,
+        grammar=grammar,
     )
     presence = getattr(body, "presence_penalty", None)
     if presence is not None and presence + PRESENCE_TO_REPETITION_OFFSET <= 0:
@@ -57,18 +65,28 @@ async def merged_tokens(
 ) -> AsyncIterator[tuple[int, GeneratedToken | RequestError]]:
     """The tokens of several requests as they come, each with its request's index; a request
     that fails yields its error. Closing this stops every request still running."""
-    merged: asyncio.Queue = asyncio.Queue()  # (index, GeneratedToken | RequestError | None)
+    async with aclosing(merged_streams([service.generate(r) for r in requests])) as items:
+        async for item in items:
+            yield item
 
-    async def pump(index: int, request: ValidRequest) -> None:
+
+async def merged_streams(
+    streams: list[AsyncIterator[T]],
+) -> AsyncIterator[tuple[int, T | RequestError]]:
+    """The items of several streams as they come, each with its stream's index; a stream that
+    fails with a RequestError yields it and ends. Closing this stops every stream."""
+    merged: asyncio.Queue = asyncio.Queue()  # (index, item | RequestError | None)
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
         try:
-            async for token in service.generate(request):
-                await merged.put((index, token))
+            async for item in stream:
+                await merged.put((index, item))
         except RequestError as error:
             await merged.put((index, error))
         finally:
             await merged.put((index, None))
 
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         num_running = len(tasks)
         while num_running:

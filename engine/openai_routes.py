@@ -1,25 +1,32 @@
 """OpenAI-compatible routes of the engine, as TGI serves them."""
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
+import jinja2
+import jinja2.meta
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine import completions
+from engine.chat_choices import ChatUsage, complete_choice, stream_choice
 from engine.errors import RequestError, ValidationError
-from engine.openai_common import (
-    OPENAI_FINISH_REASON,
-    SYSTEM_FINGERPRINT,
-    merged_tokens,
-    usage,
-    validate_openai,
+from engine.openai_common import SYSTEM_FINGERPRINT, merged_streams, usage, validate_openai
+from engine.schemas import (
+    ChatRequest,
+    Grammar,
+    JsonGrammar,
+    JsonSchemaGrammar,
+    RegexGrammar,
+    ResponseFormat,
 )
-from engine.schemas import ChatRequest
-from engine.service import GeneratedToken, TextGenerationService, ValidRequest, with_fresh_seeds
+from engine.service import TextGenerationService, ValidRequest, with_fresh_seeds
 from engine.sse import sse_event, sse_response
+from engine.tool_calls import ToolPlan, plan_tools, tools_message_suffix
 
 
 def register(app: FastAPI, service: TextGenerationService, model_id: str) -> None:
@@ -34,14 +41,15 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
 
     @app.post("/chat_tokenize")
     async def chat_tokenize(body: ChatRequest) -> dict:
-        """The chat template applied to the messages, and its tokens."""
-        text = apply_chat_template(service, body)
+        """The chat template applied to the messages (and tools), and its tokens."""
+        text = apply_chat_template(service, body, plan_tools(body))
         tokens = service.simple_tokens(text, add_special_tokens=False)
         return {"tokenize_response": tokens, "templated_text": text}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> JSONResponse | StreamingResponse:
-        request = validate_chat(service, body)
+        plan = plan_tools(body)
+        request = validate_chat(service, body, plan)
         n = body.n if body.n is not None else 1
         if not 1 <= n <= service.limits.max_client_batch_size:
             raise ValidationError(
@@ -57,80 +65,102 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if body.stream:
-            chunks = chat_chunks(service, body, requests, envelope)
+            chunks = chat_chunks(service, body, plan, requests, envelope)
             return sse_response(chunks, on_close=lambda: service.release(n))
+        counts = ChatUsage()
         try:
-            runs = await asyncio.gather(*(service.generate_all(r) for r in requests))
+            choices = await asyncio.gather(*(
+                complete_choice(service, r, plan, lambda: validate_chat(service, body, None),
+                                i, bool(body.logprobs), counts)
+                for i, r in enumerate(requests)
+            ))  # fmt: skip
         finally:
             service.release(n)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": tokens[-1].generated_text},
-                "logprobs": chat_logprobs(tokens) if body.logprobs else None,
-                "finish_reason": OPENAI_FINISH_REASON[tokens[-1].finish_reason],
-            }
-            for i, tokens in enumerate(runs)
-        ]
-        num_generated = sum(len(tokens) for tokens in runs)
         return JSONResponse(
             {
                 **envelope,
                 "object": "chat.completion",
                 "choices": choices,
-                "usage": usage(len(request.prompt_ids), num_generated),
+                "usage": usage(counts.num_prompt, counts.num_generated),
             }
         )
 
 
-def chat_logprobs(tokens: list[GeneratedToken]) -> dict:
-    """OpenAI's logprobs object: each token's text and logprob, with its top alternatives."""
-    content = [
-        {"token": t.text, "logprob": t.logprob,
-         "top_logprobs": [{"token": x["text"], "logprob": x["logprob"]} for x in t.top_tokens]}
-        for t in tokens
-    ]  # fmt: skip
-    return {"content": content}
+@functools.lru_cache(maxsize=8)
+def template_takes_tools(template: str) -> bool:
+    """Whether a chat template renders `tools` itself (else they go into the last message)."""
+    source = jinja2.Environment().parse(template)
+    return "tools" in jinja2.meta.find_undeclared_variables(source)
 
 
-def apply_chat_template(service: TextGenerationService, body: ChatRequest) -> str:
+def apply_chat_template(
+    service: TextGenerationService, body: ChatRequest, plan: ToolPlan | None
+) -> str:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    tools = None
+    if plan is not None:
+        takes_tools = template_takes_tools(service.tokenizer.chat_template or "")
+        messages[-1]["content"] += tools_message_suffix(plan, body.tool_prompt, takes_tools)
+        tools = [tool.model_dump() for tool in plan.tools] if takes_tools else None
     try:
         return service.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
+            messages, tools=tools, add_generation_prompt=True, tokenize=False
         )
     except Exception as e:  # a template may raise on roles or orders it does not accept
         raise ValidationError(f"chat template error: {e}") from e
 
 
-def validate_chat(service: TextGenerationService, body: ChatRequest) -> ValidRequest:
-    prompt = apply_chat_template(service, body)
-    return validate_openai(service, body, service.tokenize(prompt, add_special_tokens=False))
+def response_format_grammar(response_format: ResponseFormat | None) -> Grammar | None:
+    """OpenAI's and TGI's `response_format` as TGI's grammar (None: free text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":  # any JSON object
+        return JsonGrammar(type="json", value={"type": "object"})
+    if response_format.type == "json":
+        return JsonGrammar(type="json", value=response_format.value)
+    if response_format.type == "regex":
+        return RegexGrammar(type="regex", value=response_format.value)
+    return JsonSchemaGrammar(type="json_schema", value=response_format.json_schema)
+
+
+def validate_chat(
+    service: TextGenerationService, body: ChatRequest, plan: ToolPlan | None
+) -> ValidRequest:
+    """The chat request as an engine request; with `plan`, constrained to its tool calls."""
+    prompt = apply_chat_template(service, body, plan)
+    if plan is not None:
+        grammar: Grammar | None = JsonGrammar(type="json", value=plan.schema)
+    else:
+        grammar = response_format_grammar(body.response_format)
+    prompt_ids = service.tokenize(prompt, add_special_tokens=False)
+    return validate_openai(service, body, prompt_ids, grammar)
 
 
 async def chat_chunks(
     service: TextGenerationService,
     body: ChatRequest,
+    plan: ToolPlan | None,
     requests: list[ValidRequest],
     envelope: dict,
 ) -> AsyncIterator[str]:
     """chat.completion.chunk objects (choices interleaved as they decode), then "[DONE]"; a
     failing choice sends an error event."""
     base = {**envelope, "object": "chat.completion.chunk"}
-    num_generated = 0
-    async for index, item in merged_tokens(service, requests):
-        if isinstance(item, RequestError):
-            yield sse_event(item.to_dict())
-            continue
-        num_generated += 1
-        choice = {
-            "index": index,
-            "delta": {"role": "assistant", "content": "" if item.special else item.text},
-            "logprobs": chat_logprobs([item]) if body.logprobs else None,
-            "finish_reason": item.finish_reason and OPENAI_FINISH_REASON[item.finish_reason],
-        }
-        yield sse_event({**base, "choices": [choice], "usage": None})
+    counts = ChatUsage()
+
+    def plain() -> ValidRequest:
+        return validate_chat(service, body, None)
+
+    streams = [stream_choice(service, r, plan, plain, i, bool(body.logprobs), counts)
+               for i, r in enumerate(requests)]  # fmt: skip
+    async with aclosing(merged_streams(streams)) as items:
+        async for _, item in items:
+            if isinstance(item, RequestError):
+                yield sse_event(item.to_dict())
+                continue
+            yield sse_event({**base, "choices": [item], "usage": None})
     if body.stream_options and body.stream_options.include_usage:
-        num_prompt = len(requests[0].prompt_ids)
-        yield sse_event({**base, "choices": [], "usage": usage(num_prompt, num_generated)})
+        yield sse_event(
+            {**base, "choices": [], "usage": usage(counts.num_prompt, counts.num_generated)}
+        )
     yield sse_event("[DONE]")

@@ -5,7 +5,10 @@ front end's job. One `TokenStep` is produced per running request per engine step
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from engine.grammar import CompiledGrammar
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -45,6 +48,9 @@ class SamplingParams:
     prefill_logprobs: bool = False  # TGI's decoder_input_details: logprobs of prompt tokens
     # Token ids that end the request with finish_reason "eos_token".
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # TGI's `grammar`: the output must match this JSON schema or regex (engine/grammar.py).
+    # Applied after the penalties and before the warpers, as TGI does.
+    grammar: "CompiledGrammar | None" = None
 
     def __post_init__(self) -> None:
         if self.repetition_penalty is not None and self.presence_penalty is not None:

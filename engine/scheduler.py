@@ -193,5 +193,6 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.deallocate(seq)
+        seq.grammar = None  # frees its matcher now, not whenever the sequence is collected
         seq.status = SequenceStatus.FINISHED
         del self._seqs[seq.request_id]

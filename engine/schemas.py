@@ -5,9 +5,10 @@ implement are accepted at their neutral value and rejected by name otherwise
 (`unsupported_fields`); TGI's own rules are in engine/validation.py.
 """
 
-from typing import ClassVar, Literal
+import json
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Request(BaseModel):
@@ -24,13 +25,44 @@ class _Request(BaseModel):
         ]
 
 
+class JsonSchemaConfig(BaseModel):
+    """TGI's JsonSchemaConfig, which is also OpenAI's `json_schema` object."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    # `schema` would shadow a BaseModel attribute, hence the alias.
+    json_schema: dict = Field(alias="schema")
+
+
+class JsonGrammar(BaseModel):
+    """TGI's {"type": "json", "value": SCHEMA}; the schema may come as a JSON string."""
+
+    type: Literal["json"]
+    value: object
+
+
+class JsonSchemaGrammar(BaseModel):
+    type: Literal["json_schema"]
+    value: JsonSchemaConfig
+
+
+class RegexGrammar(BaseModel):
+    type: Literal["regex"]
+    value: str
+
+
+# TGI's GrammarType, told apart by `type`.
+Grammar = Annotated[JsonGrammar | JsonSchemaGrammar | RegexGrammar, Field(discriminator="type")]
+
+
 class GenerateParameters(_Request):
     best_of: int | None = None
     decoder_input_details: bool = False
     details: bool = False  # TGI's behaviour; the spec says true
     do_sample: bool = False
     frequency_penalty: float | None = None
-    grammar: dict | None = None
+    grammar: Grammar | None = None
     max_new_tokens: int | None = None
     repetition_penalty: float | None = None
     return_full_text: bool | None = None
@@ -68,16 +100,92 @@ class CompatGenerateRequest(GenerateRequest):
     stream: bool = False
 
 
+class ToolCallFunctionName(BaseModel):
+    name: str
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str | dict = "{}"  # OpenAI sends a JSON string; TGI once sent the object
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message made, as clients send it back in the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = ""
+    type: str = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: str | list[dict] = ""
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict] | None = ""
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # which call a `tool` message answers
 
     def text(self) -> str:
+        """The text the chat template sees; an assistant's tool calls as their JSON, as TGI
+        renders them."""
+        if self.tool_calls and not self.content:
+            return json.dumps([call.model_dump() for call in self.tool_calls])
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    # OpenAI's `parameters` (a JSON schema of the arguments); TGI also reads `arguments`.
+    parameters: dict = Field(default_factory=dict, alias="arguments")
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: ToolCallFunctionName
+
+
+class ResponseFormat(BaseModel):
+    """`response_format` of the chat route, in OpenAI's shapes (`text`, `json_object`,
+    `json_schema` with a `json_schema` object) and TGI's (`json`, `json_schema`, `regex`
+    with a `value`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json", "json_schema", "regex"]
+    value: object = None  # TGI's shapes
+    json_schema: JsonSchemaConfig | None = None  # OpenAI's json_schema
+
+    @model_validator(mode="after")
+    def _has_its_value(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            if not isinstance(self.value, dict):
+                raise ValueError("`json_schema` needs a `json_schema` (or TGI's `value`) object")
+            self.json_schema = JsonSchemaConfig.model_validate(self.value)
+        if self.type in ("json", "regex") and self.value is None:
+            raise ValueError(f"`{self.type}` needs a `value`")
+        if self.type == "regex" and not isinstance(self.value, str):
+            raise ValueError("`regex` needs a string `value`")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -109,10 +217,12 @@ class ChatRequest(OpenAIRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     presence_penalty: float | None = None
-    response_format: dict | None = None
-    tools: list | None = None
-
-    neutral_values: ClassVar[dict[str, object]] = {"response_format": None, "tools": None}
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    # "auto" (the default with tools), "none", "required", a function's name (TGI reads any
+    # other string as one) or {"type": "function", "function": {"name": ...}}.
+    tool_choice: str | NamedToolChoice | None = None
+    tool_prompt: str | None = None  # TGI's: the instructions put before the tools
 
 
 class CompletionRequest(OpenAIRequest):

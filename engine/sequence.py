@@ -36,6 +36,10 @@ class Sequence:
         self.prefill_chunk = 0  # tokens the current prefill step computes (set by the scheduler)
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
+        # Where the generated tokens stand in the request's grammar, if it has one. Advanced
+        # by append_token, so it always matches completion_token_ids: a preempted sequence
+        # keeps its generated tokens (it is recomputed, not restarted), and so its state.
+        self.grammar = params.grammar.new_state() if params.grammar is not None else None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -97,3 +101,5 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.advance(token_id)

@@ -12,11 +12,18 @@ from dataclasses import dataclass, field, replace
 
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.errors import GenerationError, OverloadedError, RequestError, ValidationError
+from engine.grammar import GrammarCompiler
 from engine.metrics import EngineMetrics, record_success
 from engine.protocol import FinishReason, SamplingParams
 from engine.schemas import GenerateParameters
 from engine.text import IncrementalDetokenizer, find_stop
-from engine.validation import Limits, check_lengths, check_parameters, sampling_params
+from engine.validation import (
+    Limits,
+    check_lengths,
+    check_parameters,
+    compile_grammar,
+    sampling_params,
+)
 
 
 @dataclass
@@ -71,8 +78,12 @@ class TextGenerationService:
         eos_token_ids: frozenset[int],
         limits: Limits,
         metrics: EngineMetrics,
+        grammars: GrammarCompiler | None = None,
     ):
         self.engine = engine
+        # None: --disable-grammar-support. Compiles at admission, on the HTTP thread, so the
+        # engine loop never waits for a new grammar (llguidance releases the GIL meanwhile).
+        self.grammars = grammars
         self.metrics = metrics
         # TGI's x-compute-type header: what the model runs on.
         self.compute_type = engine.engine.model_runner.device.type
@@ -117,7 +128,8 @@ class TextGenerationService:
         if p.truncate is not None:
             prompt_ids = prompt_ids[-p.truncate :]
         max_new_tokens = check_lengths(len(prompt_ids), p.max_new_tokens, self.limits)
-        params = sampling_params(p, max_new_tokens, self.eos_token_ids, presence_penalty)
+        grammar = compile_grammar(p.grammar, self.grammars) if p.grammar is not None else None
+        params = sampling_params(p, max_new_tokens, self.eos_token_ids, presence_penalty, grammar)
         timing.validated = time.monotonic()
         self.metrics.request_validation_duration.observe(timing.validated - timing.arrived)
         return ValidRequest(prompt_ids, params, list(p.stop), timing, best_of)

@@ -1,12 +1,14 @@
 """TGI's request validation: the same rules, in the same order, with the same messages
 (router/src/validation.rs of TGI 3.3), turned into the engine's SamplingParams."""
 
+import json
 import random
 from dataclasses import dataclass
 
 from engine.errors import ValidationError
+from engine.grammar import CompiledGrammar, GrammarCompiler, GrammarError, GrammarSpec
 from engine.protocol import SamplingParams
-from engine.schemas import GenerateParameters
+from engine.schemas import GenerateParameters, Grammar, JsonGrammar, RegexGrammar
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,7 @@ class Limits:
     max_client_batch_size: int
     max_best_of: int
     max_top_n_tokens: int
+    disable_grammar_support: bool = False  # --disable-grammar-support: `grammar` is refused
 
 
 def check_parameters(p: GenerateParameters, limits: Limits, *, stream: bool) -> int:
@@ -58,7 +61,7 @@ def check_parameters(p: GenerateParameters, limits: Limits, *, stream: bool) -> 
             f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
             f"Given: {p.truncate}"
         )
-    if p.grammar is not None:
+    if p.grammar is not None and limits.disable_grammar_support:
         raise ValidationError("grammar is not supported")
     if p.adapter_id is not None:
         raise ValidationError(f"adapter `{p.adapter_id}` is not loaded (no LoRA adapters here)")
@@ -96,11 +99,39 @@ def check_lengths(num_input: int, max_new_tokens: int | None, limits: Limits) ->
     return max_new_tokens
 
 
+def grammar_spec(grammar: Grammar) -> GrammarSpec:
+    """TGI's GrammarType as a spec; a `json` value may be the schema or its JSON text."""
+    if isinstance(grammar, RegexGrammar):
+        return GrammarSpec.regex(grammar.value)
+    if isinstance(grammar, JsonGrammar):
+        schema = grammar.value
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ValidationError(f"grammar is not valid: {e}") from e
+        if not isinstance(schema, dict):
+            raise ValidationError("grammar is not supported")  # TGI's answer to other values
+        return GrammarSpec.json_schema(schema)
+    return GrammarSpec.json_schema(grammar.value.json_schema)
+
+
+def compile_grammar(grammar: Grammar, compiler: GrammarCompiler | None) -> CompiledGrammar:
+    """Compile (or find in the cache) a request's grammar; 422 if it cannot be."""
+    if compiler is None:  # the engine was started with --disable-grammar-support
+        raise ValidationError("grammar is not supported")
+    try:
+        return compiler.compile(grammar_spec(grammar))
+    except GrammarError as e:
+        raise ValidationError(f"grammar is not valid: {e}") from e
+
+
 def sampling_params(
     p: GenerateParameters,
     max_new_tokens: int,
     eos_token_ids: frozenset[int],
     presence_penalty: float | None = None,
+    grammar: CompiledGrammar | None = None,
 ) -> SamplingParams:
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
@@ -117,6 +148,7 @@ def sampling_params(
         top_n_tokens=p.top_n_tokens or 0,
         prefill_logprobs=p.decoder_input_details,
         eos_token_ids=eos_token_ids,
+        grammar=grammar,
     )
     if p.seed is None and not params.is_greedy:  # TGI draws a seed, and reports it
         params = SamplingParams(**{**params.__dict__, "seed": random.getrandbits(63)})

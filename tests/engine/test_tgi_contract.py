@@ -48,7 +48,7 @@ def post(engine_url: str, body: dict, path: str = "/generate") -> httpx.Response
         ({"best_of": 4, "do_sample": True}, "`best_of` must be > 0 and <= 3. Given: 4"),
         ({"max_new_tokens": 200}, "`inputs` tokens + `max_new_tokens` must be <= 128. Given: "),
         ({"adapter_id": "my-lora"}, "adapter `my-lora` is not loaded"),
-        ({"grammar": {"type": "regex", "value": "a+"}}, "grammar is not supported"),
+        ({"grammar": {"type": "regex", "value": "[0-9"}}, "grammar is not valid: "),
     ],
 )
 def test_validation_rules_answer_422_with_tgis_message(engine_url, parameters, message):
