@@ -27,6 +27,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Flags TGI's launcher takes without a value.
+_BARE_SWITCHES = frozenset({"json_output", "disable_grammar_support"})
+
+
 class LauncherArgs(_Strict):
     """TGI launcher flags (`text-generation-launcher --help`); unset flags use its defaults.
 
@@ -78,6 +82,9 @@ class LauncherArgs(_Strict):
         None, ge=1, description="Most prompts in one /v1/completions request (and OpenAI n)."
     )
     json_output: bool = Field(False, description="Log as JSON lines (a bare switch).")
+    disable_grammar_support: bool = Field(
+        False, description="Refuse `grammar`, `response_format` and `tools` (a bare switch)."
+    )
     otlp_endpoint: str | None = Field(None, description="OpenTelemetry collector endpoint.")
 
     @model_validator(mode="after")
@@ -102,7 +109,7 @@ class LauncherArgs(_Strict):
         argv: list[str] = []
         for name, value in self.model_dump(exclude_none=True).items():
             flag = "--" + name.replace("_", "-")
-            if name == "json_output":  # a bare switch in TGI's launcher
+            if name in _BARE_SWITCHES:
                 if value:
                     argv.append(flag)
             elif isinstance(value, bool):

@@ -69,3 +69,10 @@ def test_sizing_from_memory_is_refused_on_cpu(default_model_dir):
                           device="cpu")  # fmt: skip
     with pytest.raises(ValueError, match="give --max-batch-total-tokens"):
         LLMEngine(config)
+
+
+def test_disable_grammar_support_is_a_switch_and_an_environment_variable():
+    assert parse_launcher_args([], {}).disable_grammar_support is False
+    assert parse_launcher_args(["--disable-grammar-support"], {}).disable_grammar_support
+    environ = {"DISABLE_GRAMMAR_SUPPORT": "true"}
+    assert parse_launcher_args([], environ).disable_grammar_support is True

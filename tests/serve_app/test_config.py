@@ -48,6 +48,7 @@ def test_launcher_argv_is_kebab_case_and_skips_unset_flags():
                 "dtype": "bfloat16",
                 "sharded": True,
                 "json_output": True,
+                "disable_grammar_support": True,
                 "cuda_graphs": [1, 2, 4],
             },
         )
@@ -63,6 +64,7 @@ def test_launcher_argv_is_kebab_case_and_skips_unset_flags():
         "--sharded", "true",
         "--cuda-graphs", "1,2,4",
         "--json-output",
+        "--disable-grammar-support",
     ]  # fmt: skip
 
 
