@@ -8,10 +8,10 @@ import re
 import weakref
 
 import pytest
-from grammar_cases import JSON_CASES, REGEX_CASES
 from jsonschema import Draft202012Validator
 from transformers import AutoTokenizer
 
+from benchmarks.grammar_cases import JSON_CASES, REGEX_CASES
 from engine.config import EngineConfig
 from engine.grammar import GrammarCompiler, GrammarSpec, GrammarState
 from engine.llm_engine import LLMEngine

@@ -9,11 +9,11 @@ import re
 import httpx
 import openai
 import pytest
-from grammar_cases import JSON_CASES, REGEX_CASES
 from jsonschema import Draft202012Validator
 from test_spec_schemas import check
 
 from benchmarks.common import engine_process
+from benchmarks.grammar_cases import JSON_CASES, REGEX_CASES
 
 pytestmark = pytest.mark.slow
 

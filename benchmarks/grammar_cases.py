@@ -1,4 +1,5 @@
-"""JSON schemas (flat to nested) and regexes with a question each, for the grammar tests and
+"""JSON schemas (flat to nested) and regexes with a question each, for the grammar tests
+(tests/engine/test_structured_output.py, test_grammar_batching.py) and
 the grammar benchmark. Strings, arrays and numbers are bounded where a 135M model would
 otherwise write until max_new_tokens (the one case where TGI's output may not parse either)."""
 
