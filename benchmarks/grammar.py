@@ -71,6 +71,38 @@ def workloads(tokenizer, num_requests: int, max_new_tokens: int) -> dict[str, tu
     return sides
 
 
+def grammar_costs(tokenizer, vocab_size: int, num_rows: int) -> dict:
+    """In this process, no model: ms to compile each test schema (cold, then from the cache)
+    and to compute one step's masks for `num_rows` constrained rows at once."""
+    import time
+
+    import torch
+
+    from engine.grammar import GrammarCompiler, GrammarSpec, allowed_tokens
+
+    compiler = GrammarCompiler(tokenizer, vocab_size, frozenset({tokenizer.eos_token_id}))
+    specs = [GrammarSpec.json_schema(schema) for _, schema in JSON_CASES]
+
+    def ms(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1000
+
+    cold = [ms(lambda s=s: compiler.compile(s)) for s in specs]
+    cached = [ms(lambda s=s: compiler.compile(s)) for s in specs]
+    states = [compiler.compile(specs[i % len(specs)]).new_state() for i in range(num_rows)]
+    device = torch.device("cpu")
+    allowed_tokens(states, vocab_size, device)  # the first mask of a state builds its lexer
+    masks = sorted(ms(lambda: allowed_tokens(states, vocab_size, device)) for _ in range(20))
+    return {
+        "compile_cold_ms": {"median": round(sorted(cold)[len(cold) // 2], 3),
+                            "max": round(max(cold), 3)},
+        "compile_cached_ms": {"median": round(sorted(cached)[len(cached) // 2], 4)},
+        f"mask_{num_rows}_rows_ms": {"median": round(masks[len(masks) // 2], 3),
+                                     "max": round(masks[-1], 3)},
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-requests", type=int, default=64)
@@ -110,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             / plain["itl_ms"]["p50"],
         }
 
-    extra = {"args": vars(args), "long_string_schema": LONG_STRING}
+    costs = grammar_costs(tokenizer, len(tokenizer), args.concurrency)
+    extra = {"args": vars(args), "long_string_schema": LONG_STRING, "grammar_costs": costs}
     report = write_report(args.name, command, runs, extra, ratios)
     print(json.dumps(report["ratios"]))
     return 0
