@@ -8,11 +8,38 @@ implement are accepted at their neutral value and rejected by name otherwise
 import json
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# TGI's integer types (router/src/lib.rs): a larger number fails its JSON parsing with 422.
+# Here too, rather than overflowing a torch tensor inside the engine loop, which would stop
+# the loop for every request.
+U32_MAX, U64_MAX, I32_MAX = 2**32 - 1, 2**64 - 1, 2**31 - 1
+
+
+def _encodable(text: str) -> str:
+    """Reject lone UTF-16 surrogates (`"\\ud800"` is valid JSON but not text): the tokenizer
+    would fail on them; TGI's JSON parser refuses them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text ({e.reason} at {e.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def _encodable_strings(value: object) -> object:
+    """`_encodable` on a str-or-list field (unions name their branches in error locations)."""
+    for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        if isinstance(text, str):
+            _encodable(text)
+    return value
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities are not JSON, though Python's parser reads them: refuse them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     # name -> value that means "off"; any other value is rejected until implemented.
     neutral_values: ClassVar[dict[str, object]] = {}
@@ -57,22 +84,22 @@ Grammar = Annotated[JsonGrammar | JsonSchemaGrammar | RegexGrammar, Field(discri
 
 
 class GenerateParameters(_Request):
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, le=U64_MAX)
     decoder_input_details: bool = False
     details: bool = False  # TGI's behaviour; the spec says true
     do_sample: bool = False
     frequency_penalty: float | None = None
     grammar: Grammar | None = None
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = Field(default=None, le=U32_MAX)
     repetition_penalty: float | None = None
     return_full_text: bool | None = None
-    seed: int | None = Field(default=None, ge=0)
-    stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(default=None, ge=0, le=U64_MAX)
+    stop: list[Text] = Field(default_factory=list)
     temperature: float | None = None
-    top_k: int | None = None
-    top_n_tokens: int | None = None
+    top_k: int | None = Field(default=None, le=I32_MAX)
+    top_n_tokens: int | None = Field(default=None, le=U32_MAX)
     top_p: float | None = None
-    truncate: int | None = None
+    truncate: int | None = Field(default=None, le=U64_MAX)
     typical_p: float | None = None
     watermark: bool = False
     adapter_id: str | None = None
@@ -84,7 +111,7 @@ def sampling_defaults() -> GenerateParameters:
 
 
 class GenerateRequest(_Request):
-    inputs: str
+    inputs: Text
     parameters: GenerateParameters = Field(default_factory=sampling_defaults)
     add_special_tokens: bool = True
 
@@ -121,13 +148,32 @@ class ToolCall(BaseModel):
     function: ToolCallFunction
 
 
-class ChatMessage(BaseModel):
+class ContentPart(BaseModel):
+    """One part of a message's content list; only text parts reach the prompt."""
+
     model_config = ConfigDict(extra="ignore")
 
+    type: str
+    text: str = ""
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[dict] | None = ""
+    content: str | list[ContentPart] | None = ""
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # which call a `tool` message answers
+
+    @field_validator("content")
+    @classmethod
+    def _content_is_text(
+        cls, content: "str | list[ContentPart] | None"
+    ) -> "str | list[ContentPart] | None":
+        texts = [content] if isinstance(content, str) else [p.text for p in content or []]
+        for text in texts:
+            _encodable(text)
+        return content
 
     def text(self) -> str:
         """The text the chat template sees; an assistant's tool calls as their JSON, as TGI
@@ -138,7 +184,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return "".join(part.text for part in self.content if part.type == "text")
 
 
 class FunctionDefinition(BaseModel):
@@ -196,13 +242,15 @@ class OpenAIRequest(_Request):
     """Sampling fields both OpenAI routes share."""
 
     model: str | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, le=U32_MAX)
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=U64_MAX)
     stream: bool = False
     frequency_penalty: float | None = None
+
+    _stop_is_text = field_validator("stop")(lambda v: _encodable_strings(v))
 
     def stop_sequences(self) -> list[str]:
         if self.stop is None:
@@ -213,9 +261,9 @@ class OpenAIRequest(_Request):
 class ChatRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, le=U64_MAX)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, le=U32_MAX)
     presence_penalty: float | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
@@ -227,6 +275,8 @@ class ChatRequest(OpenAIRequest):
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[str]
+
+    _prompt_is_text = field_validator("prompt")(lambda v: _encodable_strings(v))
     suffix: str | None = None
     repetition_penalty: float | None = None
 
