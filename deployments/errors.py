@@ -11,11 +11,15 @@ error TGI has no counterpart for is the ingress's own: a `model` this app does n
 OpenAI's shape by `openai_error_response`, so OpenAI SDKs see `code == "model_not_found"`.
 """
 
+import contextlib
 import json
+import math
+from collections.abc import Iterator
 
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 STATUS_BY_ERROR_TYPE = {
     "validation": 422,
@@ -83,6 +87,19 @@ class OpenAIError(Exception):
         return cls(message, 404, "invalid_request_error", code="model_not_found")
 
 
+@contextlib.contextmanager
+def serve_refusals_as_tgi_errors() -> Iterator[None]:
+    """Serve's own refusals of a handle call as TGI errors: a full queue
+    (max_queued_requests) is TGI's 429 overloaded. Serve registers its own handlers for
+    these on the ingress app (plain-text 503s), which would win over the app's."""
+    try:
+        yield
+    except BackPressureError:
+        raise TGIError("Model is overloaded", 429, "overloaded") from None
+    except DeploymentUnavailableError as exc:
+        raise TGIError(exc.message, 503, "unavailable") from None
+
+
 def to_tgi_error(exc: BaseException) -> tuple[int, dict[str, str]]:
     """Map any exception raised while serving a request to (HTTP status, TGI error body)."""
     if isinstance(exc, RayTaskError) and exc.cause is not None:
@@ -95,9 +112,21 @@ def to_tgi_error(exc: BaseException) -> tuple[int, dict[str, str]]:
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    """A non-streaming error response."""
+    """A non-streaming error response; a 429 or 503 says when to retry (Retry-After)."""
     status, body = to_tgi_error(exc)
-    return JSONResponse(body, status_code=status)
+    headers = None
+    if status in (429, 503):
+        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        retry_after_s = getattr(cause, "retry_after_s", None) or 1
+        headers = {"Retry-After": str(math.ceil(retry_after_s))}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def http_error_response(exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route 404, wrong method 405) in TGI's shape."""
+    error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+    body = {"error": str(exc.detail), "error_type": error_type}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def error_event(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ first model. Other Ray apps can call the same models through this deployment's h
 (`call` / `stream`, with `model=`) or through a TGIServer's own handle.
 """
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,7 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.app_stats import AppStats
 from deployments.chat_page import ChatPage
@@ -30,10 +32,15 @@ from deployments.errors import (
     TGIError,
     error_event,
     error_response,
+    http_error_response,
     openai_error_response,
+    serve_refusals_as_tgi_errors,
 )
 from deployments.model_choice import MODEL_HEADER, choose_model, requested_model
+from deployments.request_body import parse_json_object
+from deployments.request_guard import GuardPolicy, RequestGuard
 from deployments.tgi_server import LauncherReply
+from deployments.token_budget import TokenBudgets
 from serve_app.config import IngressOptions
 
 app = FastAPI(title="ray-tgi", openapi_url="/api-doc/openapi.json")  # TGI's path
@@ -53,6 +60,9 @@ async def _handle_openai_error(_request: Request, exc: OpenAIError) -> JSONRespo
 for _exc_type in (TGIError, RayError, BackPressureError, Exception):
     app.add_exception_handler(_exc_type, _handle_error)
 app.add_exception_handler(OpenAIError, _handle_openai_error)
+app.add_exception_handler(StarletteHTTPException, lambda _r, e: http_error_response(e))
+# Body size, API keys, per-key limits and the request timeout (deployments/request_guard.py).
+app.add_middleware(RequestGuard)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -75,13 +85,17 @@ def _route(method: str, path: str) -> Callable:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
+    return parse_json_object(await request.body())
+
+
+async def _result(response: DeploymentResponse) -> Any:
+    """Await a handle call; if this request is cancelled (its deadline passed), cancel the
+    call too, so the engine stops generating for nobody."""
     try:
-        body = await request.json()
-    except ValueError as exc:
-        raise TGIError(f"request body is not valid JSON: {exc}", 422, "validation") from None
-    if not isinstance(body, dict):
-        raise TGIError("request body must be a JSON object", 422, "validation")
-    return body
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 
 
 def _reply(reply: LauncherReply) -> Response:
@@ -122,7 +136,8 @@ async def _sse_events(stream: DeploymentResponseGenerator) -> AsyncIterator[str]
 
 @serve.ingress(app)
 class Ingress:
-    """Serve deployment class; bound with `{model name: TGIServer handle}` (first = default)."""
+    """Serve deployment class; bound with `{model name: TGIServer handle}` (first = default)
+    and the ingress options (API keys, limits)."""
 
     @classmethod
     def get_deployment_options(cls, options: IngressOptions) -> dict[str, Any]:
@@ -134,9 +149,13 @@ class Ingress:
             "ray_actor_options": {"num_cpus": options.num_cpus},
         }
 
-    def __init__(self, models: dict[str, DeploymentHandle]):
+    def __init__(self, models: dict[str, DeploymentHandle], options: IngressOptions | None = None):
         if not models:
             raise ValueError("the ingress needs at least one model")
+        options = options or IngressOptions()
+        # Read by RequestGuard for every request; API keys are resolved here, at start.
+        self.guard_policy = GuardPolicy.from_options(options)
+        self._token_budgets = TokenBudgets() if options.check_prompt_tokens else None
         self._models = models
         self._names = list(models)
         self._created = int(time.time())
@@ -200,30 +219,36 @@ class Ingress:
 
     @_route("GET", "/info")
     async def info(self, request: Request) -> Response:
-        return _reply(await self._server_for(request).call.remote("GET", "/info"))
+        with serve_refusals_as_tgi_errors():
+            return _reply(await self._server_for(request).call.remote("GET", "/info"))
 
     @_route("GET", "/metrics")
     async def metrics(self, request: Request) -> Response:
         """One model's engine metrics (the first, or the one named): scrape each model's."""
-        return _reply(await self._server_for(request).call.remote("GET", "/metrics"))
+        with serve_refusals_as_tgi_errors():
+            return _reply(await self._server_for(request).call.remote("GET", "/metrics"))
 
     async def _forward(self, path: str, request: Request) -> Response:
         body = await _json_object(request)
         server = self._server_for(request, body, openai=path.startswith("/v1/"))
+        if self._token_budgets is not None:  # TGI's token limits, before dispatch
+            await self._token_budgets.check(server, path, body)
         # The launcher checks the API key (--api-key), so the client's credentials go along.
         headers = {k: v for k, v in request.headers.items() if k == "authorization"}
-        if path == "/generate_stream" or (path in STREAMABLE and body.get("stream")):
-            stream = server.options(stream=True).stream.remote(path, body, headers)
-            return await _sse_response(stream)
-        return _reply(await server.call.remote("POST", path, body, headers))
+        with serve_refusals_as_tgi_errors():
+            if path == "/generate_stream" or (path in STREAMABLE and body.get("stream")):
+                stream = server.options(stream=True).stream.remote(path, body, headers)
+                return await _sse_response(stream)
+            return _reply(await _result(server.call.remote("POST", path, body, headers)))
 
     @_route("GET", "/health")
     async def health(self, request: Request) -> Response:
         """Every model's health, or the named one's (prefix or x-model header)."""
         named = "model" in request.path_params or MODEL_HEADER in request.headers
         servers = [self._server_for(request)] if named else self._models.values()
-        for server in servers:
-            await server.health.remote()  # raises a 503 TGIError when unhealthy
+        with serve_refusals_as_tgi_errors():
+            for server in servers:
+                await server.health.remote()  # raises a 503 TGIError when unhealthy
         return Response(status_code=200)
 
     # --- the app's own routes ------------------------------------------------------------

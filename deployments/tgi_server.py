@@ -7,10 +7,11 @@ HTTP. Request bodies pass through untouched, so TGI semantics (a missing `max_ne
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from deployments.errors import TGIError
 from deployments.launcher import Launcher, embedded_env, free_port, launcher_command
 from deployments.placement import launcher_env, placement_options, reserve_shard_gpus
 from deployments.router import TGIRequestRouter
+from deployments.tokenizer_files import read_tokenizer_files
 from serve_app.config import DeploymentOptions, ModelConfig
 
 # TGI's default --max-concurrent-requests.
@@ -74,6 +76,7 @@ class TGIServer:
             "health_check_period_s": d.health_check_period_s,
             "health_check_timeout_s": d.health_check_timeout_s,
             "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
+            **({"max_queued_requests": d.max_queued_requests} if d.max_queued_requests else {}),
         }
 
     async def __init__(self, model_cfg: ModelConfig, command: Sequence[str] | None = None):
@@ -126,7 +129,8 @@ class TGIServer:
         """One request to a forwardable route; the reply as the launcher gave it (body,
         content type, TGI's x-* headers). Non-200 answers raise TGIError."""
         _check_route(method, path)
-        response = await self._client.request(method, path, json=request, headers=headers)
+        with self._launcher_gone_is_an_error():
+            response = await self._client.request(method, path, json=request, headers=headers)
         _raise_for_error(response.status_code, response.content)
         return LauncherReply(
             response.content, response.headers.get("content-type", ""), _tgi_headers(response)
@@ -143,13 +147,31 @@ class TGIServer:
         `async with`, which closes the connection, which is how the engine learns to stop.
         """
         _check_route("POST", path)
-        async with self._client.stream("POST", path, json=request, headers=headers) as response:
-            if response.status_code != 200:
-                _raise_for_error(response.status_code, await response.aread())
-            yield _tgi_headers(response)
-            async for line in response.aiter_lines():
-                if line:  # events and keep-alive comments; blank lines only separate them
-                    yield f"{line}\n\n"
+        with self._launcher_gone_is_an_error():
+            async with self._client.stream("POST", path, json=request, headers=headers) as reply:
+                if reply.status_code != 200:
+                    _raise_for_error(reply.status_code, await reply.aread())
+                yield _tgi_headers(reply)
+                async for line in reply.aiter_lines():
+                    if line:  # events and keep-alive comments; blank lines only separate them
+                        yield f"{line}\n\n"
+
+    @contextlib.contextmanager
+    def _launcher_gone_is_an_error(self) -> Iterator[None]:
+        """A connection to the launcher that fails (it was killed, or crashed mid-request)
+        becomes a TGI error that says so, instead of an httpx error from deep inside."""
+        try:
+            yield
+        except httpx.TransportError as exc:
+            code = self._launcher.returncode
+            state = "did not answer" if code is None else f"exited with status {code}"
+            message = f"the engine of this replica {state} ({type(exc).__name__}: {exc}); retry"
+            raise TGIError(message, 503, "unavailable") from None
+
+    async def tokenizer_files(self) -> dict[str, bytes]:
+        """The model's tokenizer files, read on this replica's node, where the launcher
+        found the weights; the ingress counts prompt tokens with them."""
+        return await asyncio.to_thread(read_tokenizer_files, self.model_cfg)
 
     # --- load, for the request router and the autoscaler ----------------------------
 

@@ -5,6 +5,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import openai_routes
+from engine.disconnect import CancelOnDisconnect
 from engine.errors import RequestError, ValidationError
 from engine.http_guards import install_guards
 from engine.schemas import CompatGenerateRequest, GenerateRequest
@@ -20,6 +21,7 @@ def create_app(service: TextGenerationService, info: dict, args) -> FastAPI:
         openapi_url="/api-doc/openapi.json",  # TGI's path; Swagger UI at /docs
     )
     app.state.service = service
+    app.add_middleware(CancelOnDisconnect)  # inside the guards, which read no body
     install_guards(app, args.api_key, args.payload_limit, args.cors_allow_origin)
 
     @app.exception_handler(RequestError)

@@ -29,4 +29,4 @@ def build_app(args: dict[str, Any]) -> Application:
         for model_cfg in app_args.models
     }
     ingress = serve.deployment(Ingress, **Ingress.get_deployment_options(app_args.ingress))
-    return ingress.bind(servers)
+    return ingress.bind(servers, app_args.ingress)

@@ -6,7 +6,7 @@ flag fails at deploy time with its name, not at runtime inside a replica.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 # TGI's `--quantize` choices (text-generation-launcher 3.x).
 Quantization = Literal[
@@ -200,6 +200,10 @@ class DeploymentOptions(_Strict):
     startup_timeout_s: float = Field(
         600, gt=0, description="Seconds the launcher may take to load the model and get healthy."
     )
+    max_queued_requests: int | None = Field(
+        None, ge=1, description="Requests each caller (ingress replica) may queue for this "
+        "deployment's replicas before more are refused with 429 overloaded; default: unbounded.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check_replicas(self) -> "DeploymentOptions":
@@ -234,14 +238,84 @@ class ModelConfig(_Strict):
         return argv + self.launcher_args.to_argv()
 
 
+class KeyLimits(_Strict):
+    """Per-key limits, enforced by each ingress replica on its own."""
+
+    requests_per_second: float | None = Field(
+        None, gt=0, description="Token-bucket refill rate: sustained requests per second."
+    )
+    burst: int | None = Field(
+        None, ge=1, description="Token-bucket size: requests allowed at once after a quiet "
+        "spell (default: requests_per_second rounded up).",
+    )  # fmt: skip
+    max_concurrent_requests: int | None = Field(
+        None, ge=1, description="Requests of this key in flight at once (streams until done)."
+    )
+
+
+class APIKey(KeyLimits):
+    """One client's Bearer key; limits left unset fall back to `auth`'s."""
+
+    name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9._\-]+$",
+        description="Who holds the key: named in logs and 429 messages instead of the key.",
+    )  # fmt: skip
+    key_env: str | None = Field(
+        None, min_length=1, description="Environment variable holding the key, read by each "
+        "ingress replica when it starts (keeps the secret out of config files).",
+    )  # fmt: skip
+    key: SecretStr | None = Field(
+        None, min_length=16, description="The key itself (the Python API, tests); in "
+        "serve_config.yaml use `key_env`.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "APIKey":
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError(f"API key {self.name!r}: set exactly one of key_env or key")
+        return self
+
+
+class AuthOptions(KeyLimits):
+    """Bearer API keys at the ingress; the limits here are each key's defaults."""
+
+    api_keys: list[APIKey] = Field(min_length=1, description="Accepted keys.")
+    open_paths: list[str] = Field(
+        ["/health", "/metrics"], description="Paths served without a key (also under "
+        "/models/{name}); the chat page itself (GET / and /static/) is always open.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AuthOptions":
+        names = [k.name for k in self.api_keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"API key names must be unique: {names}")
+        return self
+
+
 class IngressOptions(_Strict):
-    """Ray Serve options of the HTTP ingress deployment."""
+    """Ray Serve options of the HTTP ingress deployment, and what it refuses at the door."""
 
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
     num_cpus: float = Field(0.1, gt=0, description="CPUs reserved per ingress replica.")
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Concurrent HTTP requests one ingress replica handles."
     )
+    auth: AuthOptions | None = Field(
+        None, description="API keys and per-key limits; unset: no key needed."
+    )
+    max_body_bytes: int = Field(
+        2_000_000, ge=1, description="Largest request body (413 above); TGI's payload limit."
+    )
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="Longest a request may take at the ingress, streams included "
+        "(504, or an error event in a started stream); unset: none, as TGI.",
+    )  # fmt: skip
+    check_prompt_tokens: bool = Field(
+        True, description="Count prompt tokens at the ingress (the model's tokenizer) and "
+        "refuse requests over the engine's max_input_tokens / max_total_tokens with TGI's 422 "
+        "before they are dispatched.",
+    )  # fmt: skip
 
 
 class AppArgs(_Strict):
