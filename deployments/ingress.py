@@ -147,6 +147,7 @@ class Ingress:
             "num_replicas": options.num_replicas,
             "max_ongoing_requests": options.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": options.num_cpus},
+            "graceful_shutdown_timeout_s": options.graceful_shutdown_timeout_s,
         }
 
     def __init__(self, models: dict[str, DeploymentHandle], options: IngressOptions | None = None):

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +129,7 @@ class TGIServer:
         """One request to a forwardable route; the reply as the launcher gave it (body,
         content type, TGI's x-* headers). Non-200 answers raise TGIError."""
         _check_route(method, path)
-        with self._launcher_gone_is_an_error():
+        async with self._launcher_gone_is_an_error():
             response = await self._client.request(method, path, json=request, headers=headers)
         _raise_for_error(response.status_code, response.content)
         return LauncherReply(
@@ -147,23 +147,29 @@ class TGIServer:
         `async with`, which closes the connection, which is how the engine learns to stop.
         """
         _check_route("POST", path)
-        with self._launcher_gone_is_an_error():
-            async with self._client.stream("POST", path, json=request, headers=headers) as reply:
-                if reply.status_code != 200:
-                    _raise_for_error(reply.status_code, await reply.aread())
-                yield _tgi_headers(reply)
-                async for line in reply.aiter_lines():
-                    if line:  # events and keep-alive comments; blank lines only separate them
-                        yield f"{line}\n\n"
+        async with (
+            self._launcher_gone_is_an_error(),
+            self._client.stream("POST", path, json=request, headers=headers) as reply,
+        ):
+            if reply.status_code != 200:
+                _raise_for_error(reply.status_code, await reply.aread())
+            yield _tgi_headers(reply)
+            async for line in reply.aiter_lines():
+                if line:  # events and keep-alive comments; blank lines only separate them
+                    yield f"{line}\n\n"
 
-    @contextlib.contextmanager
-    def _launcher_gone_is_an_error(self) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _launcher_gone_is_an_error(self) -> AsyncIterator[None]:
         """A connection to the launcher that fails (it was killed, or crashed mid-request)
         becomes a TGI error that says so, instead of an httpx error from deep inside."""
         try:
             yield
         except httpx.TransportError as exc:
-            code = self._launcher.returncode
+            # A killed process closes its sockets a moment before it can be reaped.
+            for _ in range(10):
+                if (code := self._launcher.returncode) is not None:
+                    break
+                await asyncio.sleep(0.05)
             state = "did not answer" if code is None else f"exited with status {code}"
             message = f"the engine of this replica {state} ({type(exc).__name__}: {exc}); retry"
             raise TGIError(message, 503, "unavailable") from None
@@ -197,6 +203,7 @@ class TGIServer:
             "gpu_ids": self._gpu_ids,
             "launcher_pid": self._launcher.pid,
             "launcher_url": self._launcher.url,
+            "launcher_log": str(self._launcher.log_path),
         }
 
     # --- health and lifecycle ---------------------------------------------------------

@@ -301,6 +301,10 @@ class IngressOptions(_Strict):
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Concurrent HTTP requests one ingress replica handles."
     )
+    graceful_shutdown_timeout_s: float = Field(
+        20, ge=0, description="Seconds a stopping ingress replica (a redeploy) may finish its "
+        "requests, streams included, before it is killed.",
+    )  # fmt: skip
     auth: AuthOptions | None = Field(
         None, description="API keys and per-key limits; unset: no key needed."
     )
