@@ -37,13 +37,16 @@ from deployments.errors import (
     serve_refusals_as_tgi_errors,
 )
 from deployments.model_choice import MODEL_HEADER, choose_model, requested_model
+from deployments.openapi_bodies import request_body, with_body_schemas
 from deployments.request_body import parse_json_object
 from deployments.request_guard import GuardPolicy, RequestGuard
 from deployments.tgi_server import LauncherReply
 from deployments.token_budget import TokenBudgets
+from engine.schemas import ChatRequest, CompatGenerateRequest, CompletionRequest, GenerateRequest
 from serve_app.config import IngressOptions
 
 app = FastAPI(title="ray-tgi", openapi_url="/api-doc/openapi.json")  # TGI's path
+app.openapi = with_body_schemas(app.openapi)  # the engine's body models, documented
 
 
 async def _handle_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -71,14 +74,16 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # decorates the class, by value, with the module globals defined at that moment.
 
 
-def _route(method: str, path: str) -> Callable:
-    """Register an endpoint at `path` and under every model's prefix, `/models/{model}`."""
+def _route(method: str, path: str, body: type | None = None) -> Callable:
+    """Register an endpoint at `path` and under every model's prefix, `/models/{model}`;
+    `body` documents its JSON body (the engine validates it)."""
     prefixed = "/models/{model}" + path.rstrip("/")
     paths = [path, prefixed] + ([prefixed + "/"] if path == "/" else [])
+    extra = request_body(body) if body is not None else None
 
     def register(endpoint: Callable) -> Callable:
         for route_path in paths:
-            app.api_route(route_path, methods=[method])(endpoint)
+            app.api_route(route_path, methods=[method], openapi_extra=extra)(endpoint)
         return endpoint
 
     return register
@@ -189,32 +194,32 @@ class Ingress:
 
     # --- routes forwarded to a launcher, unchanged -----------------------------------
 
-    @_route("POST", "/")
+    @_route("POST", "/", CompatGenerateRequest)
     async def compat_generate(self, request: Request) -> Response:
         """TGI's compat route (the one `text_generation.Client` uses)."""
         return await self._forward("/", request)
 
-    @_route("POST", "/generate")
+    @_route("POST", "/generate", GenerateRequest)
     async def generate(self, request: Request) -> Response:
         return await self._forward("/generate", request)
 
-    @_route("POST", "/generate_stream")
+    @_route("POST", "/generate_stream", GenerateRequest)
     async def generate_stream(self, request: Request) -> Response:
         return await self._forward("/generate_stream", request)
 
-    @_route("POST", "/tokenize")
+    @_route("POST", "/tokenize", GenerateRequest)
     async def tokenize(self, request: Request) -> Response:
         return await self._forward("/tokenize", request)
 
-    @_route("POST", "/chat_tokenize")
+    @_route("POST", "/chat_tokenize", ChatRequest)
     async def chat_tokenize(self, request: Request) -> Response:
         return await self._forward("/chat_tokenize", request)
 
-    @_route("POST", "/v1/chat/completions")
+    @_route("POST", "/v1/chat/completions", ChatRequest)
     async def chat_completions(self, request: Request) -> Response:
         return await self._forward("/v1/chat/completions", request)
 
-    @_route("POST", "/v1/completions")
+    @_route("POST", "/v1/completions", CompletionRequest)
     async def completions(self, request: Request) -> Response:
         return await self._forward("/v1/completions", request)
 

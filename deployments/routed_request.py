@@ -63,9 +63,12 @@ def prompt_text(body: Mapping[str, Any]) -> str:
 def _message_text(message: Mapping[str, Any]) -> str:
     content = message.get("content")
     if isinstance(content, list):  # OpenAI content parts; only text parts reach the prompt
+        # Malformed parts (a non-string text) are the engine's to refuse: a router that
+        # raised here would leave the request waiting for a replica forever.
         content = "".join(
-            part.get("text", "") for part in content
+            part["text"] for part in content
             if isinstance(part, Mapping) and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
         )  # fmt: skip
     return f"{message.get('role', '')}\n{content if isinstance(content, str) else ''}\n"
 
