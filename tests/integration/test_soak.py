@@ -29,6 +29,7 @@ from benchmarks.workload import WORDS
 pytestmark = pytest.mark.slow
 
 APP = "soak"
+ARTIFACTS = Path(__file__).parent / "artifacts"  # ignored by git
 NUM_REQUESTS, CONCURRENCY, CANCEL_EVERY = 2000, 16, 10
 WALL_BOUND_S = 900  # a hard stop: the loop never runs longer
 LAUNCHER_ARGS = {"max_input_tokens": 128, "max_total_tokens": 256,
@@ -120,6 +121,20 @@ def test_soak_2000_requests_at_16_concurrency_with_10_percent_cancelled(app):
     rss_end = rss_mib(pid)
     free, total = (engine_metrics(engine)[k] for k in ("ray_tgi_kv_blocks_free",
                                                         "ray_tgi_kv_blocks_total"))  # fmt: skip
+    figures = {
+        "requests": sum(outcomes.values()),
+        "concurrency": CONCURRENCY,
+        "ok": outcomes["ok"],
+        "cancelled": outcomes["cancelled"],
+        "errors": len(errors),
+        "rss_start_mib": round(rss_start, 1),
+        "rss_end_mib": round(rss_end, 1),
+        "wall_s": round(wall_s, 1),
+        "kv_blocks_free": free,
+        "kv_blocks_total": total,
+    }
+    ARTIFACTS.mkdir(exist_ok=True)  # the figures, also when pytest captures the print
+    (ARTIFACTS / "soak.json").write_text(json.dumps(figures, indent=1) + "\n")
     print(f"\nsoak: {sum(outcomes.values())} requests at {CONCURRENCY} concurrency in "
           f"{wall_s:.1f} s ({sum(outcomes.values()) / wall_s:.1f} req/s): {outcomes['ok']} ok, "
           f"{outcomes['cancelled']} cancelled mid-stream, {len(errors)} errors; engine RSS "
