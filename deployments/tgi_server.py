@@ -25,6 +25,7 @@ from deployments.errors import TGIError
 from deployments.launcher import Launcher, embedded_env, free_port, launcher_command
 from deployments.placement import launcher_env, placement_options, reserve_shard_gpus
 from deployments.router import TGIRequestRouter
+from deployments.weights_prefetch import prefetch_for_launcher
 from serve_app.config import DeploymentOptions, ModelConfig
 
 # TGI's default --max-concurrent-requests.
@@ -83,17 +84,24 @@ class TGIServer:
         stand-in server this way); `--hostname/--port` are appended either way.
         """
         self.model_cfg = model_cfg
+        weights_env: dict[str, str] = {}
         if command is None:
             flags = model_cfg.launcher_argv()
             if model_cfg.engine == "tgi" or model_cfg.num_shard > 1:
                 # Distinct per replica, so several launchers can share a node.
                 flags += ["--master-port", str(free_port())]
                 flags += ["--shard-uds-path", f"/tmp/ray-tgi-{model_cfg.name}-{os.getpid()}"]
+            # Hub weights: one download per node, then the launcher reads the cache offline.
+            weights = await asyncio.to_thread(prefetch_for_launcher, model_cfg)
+            if weights is not None:
+                flags += weights.launcher_flags(flags)
+                weights_env = weights.launcher_env()
             command = launcher_command(model_cfg.engine, flags)
         # The holders keep the other shards' GPUs reserved while this replica lives.
         self._gpu_ids, self._shard_holders = await reserve_shard_gpus(model_cfg)
         base_env = embedded_env() if model_cfg.engine == "embedded" else None
-        env = launcher_env(base_env, self._gpu_ids)
+        # HF_TOKEN, when set, reaches the launcher only this way: never on its command line.
+        env = launcher_env(base_env, self._gpu_ids) | weights_env
         self._launcher = Launcher(command, env=env, echo=sys.stderr)
         # Started from the replica's long-lived user thread: the parent-death signal is
         # tied to the thread that forks.

@@ -8,6 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# engine/args.py imports no torch: the Serve side may read what the embedded engine supports.
+from engine.args import SUPPORTED_QUANTIZATIONS
+
 # TGI's `--quantize` choices (text-generation-launcher 3.x).
 Quantization = Literal[
     "awq",
@@ -221,9 +224,26 @@ class ModelConfig(_Strict):
         description="embedded: `python -m engine`; tgi: the real `text-generation-launcher`.",
     )
     num_shard: int = Field(1, ge=1, description="Tensor-parallel shards (one GPU each).")
+    prefetch_weights: bool = Field(
+        True,
+        description="Hub ids: each replica downloads the weights into its node's Hub cache "
+        "before the launcher starts (one download per node), then starts it offline "
+        "(deployments/weights_prefetch.py).",
+    )
     launcher_args: LauncherArgs = Field(default_factory=LauncherArgs)
     resources: ResourceConfig = Field(default_factory=ResourceConfig)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="after")
+    def _check_engine_support(self) -> "ModelConfig":
+        # Refused at deploy time rather than by a launcher exiting in every replica.
+        quantize, dtype = self.launcher_args.quantize, self.launcher_args.dtype
+        if self.engine == "embedded" and quantize not in (None, *SUPPORTED_QUANTIZATIONS):
+            raise ValueError(f"quantize {quantize!r} needs engine: tgi; the embedded engine "
+                             f"supports {', '.join(SUPPORTED_QUANTIZATIONS)}")  # fmt: skip
+        if self.engine == "tgi" and dtype == "float32":
+            raise ValueError("text-generation-launcher takes dtype float16 or bfloat16")
+        return self
 
     def launcher_argv(self) -> list[str]:
         """Launcher flags for this model, without the per-replica host/port flags."""
