@@ -127,11 +127,17 @@ class Ingress:
     @classmethod
     def get_deployment_options(cls, options: IngressOptions) -> dict[str, Any]:
         """Serve options for the ingress (pure: tests assert it without Ray)."""
+        rollout = {
+            key: value
+            for key in ("graceful_shutdown_timeout_s", "max_surge_percent")
+            if (value := getattr(options, key)) is not None
+        }  # unset: Serve's defaults
         return {
             "name": "Ingress",
             "num_replicas": options.num_replicas,
             "max_ongoing_requests": options.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": options.num_cpus},
+            **rollout,
         }
 
     def __init__(self, models: dict[str, DeploymentHandle]):

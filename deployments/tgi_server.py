@@ -213,6 +213,8 @@ def _replica_options(d: DeploymentOptions) -> dict[str, Any]:
     """How many replicas (fixed, or autoscaled on the engines' queues) and how requests are
     routed among them."""
     options: dict[str, Any] = {}
+    if d.max_surge_percent is not None:  # new replicas up before old ones stop (blue/green)
+        options["max_surge_percent"] = d.max_surge_percent
     if d.autoscaling is None:
         options["num_replicas"] = d.num_replicas or 1
     else:

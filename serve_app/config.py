@@ -203,6 +203,12 @@ class DeploymentOptions(_Strict):
     startup_timeout_s: float = Field(
         600, gt=0, description="Seconds the launcher may take to load the model and get healthy."
     )
+    max_surge_percent: int | None = Field(
+        None, ge=0, le=100, description="On a `serve deploy` that changes this model, extra "
+        "replicas (percent of the target count) Serve starts before it stops old ones; 100: "
+        "blue/green, every new replica serves before an old one drains. Default (Serve's, 0): "
+        "an old replica stops first.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check_replicas(self) -> "DeploymentOptions":
@@ -262,6 +268,16 @@ class IngressOptions(_Strict):
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Concurrent HTTP requests one ingress replica handles."
     )
+    # A `serve deploy` that changes any model's args redeploys the ingress too (the app's
+    # config is its code version), and every open stream passes through an ingress replica.
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, ge=0, description="Seconds a replaced ingress replica may finish its open "
+        "streams before it is killed (Serve's default: 20).",
+    )  # fmt: skip
+    max_surge_percent: int | None = Field(
+        None, ge=0, le=100, description="As the model's: 100 starts the new ingress before "
+        "the old one drains.",
+    )  # fmt: skip
 
 
 class AppArgs(_Strict):
