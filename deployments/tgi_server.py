@@ -100,8 +100,10 @@ class TGIServer:
         # The holders keep the other shards' GPUs reserved while this replica lives.
         self._gpu_ids, self._shard_holders = await reserve_shard_gpus(model_cfg)
         base_env = embedded_env() if model_cfg.engine == "embedded" else None
-        # HF_TOKEN, when set, reaches the launcher only this way: never on its command line.
-        env = launcher_env(base_env, self._gpu_ids) | weights_env
+        # Secrets (HF_TOKEN from the replica's environment, the API key) reach the launcher
+        # only this way: never on its command line, which is logged.
+        secrets = model_cfg.launcher_args.secret_env()
+        env = launcher_env(base_env, self._gpu_ids) | weights_env | secrets
         self._launcher = Launcher(command, env=env, echo=sys.stderr)
         # Started from the replica's long-lived user thread: the parent-death signal is
         # tied to the thread that forks.

@@ -26,6 +26,12 @@ Quantization = Literal[
 ]
 
 
+# Launcher flags passed in the environment, never on the command line.
+SECRET_FLAGS = {"api_key"}
+# List flags TGI's launcher takes once per value (it splits only --cuda-graphs on commas).
+_TGI_REPEATED_FLAGS = {"cors_allow_origin"}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -107,21 +113,31 @@ class LauncherArgs(_Strict):
         check("max_batch_prefill_tokens", "max_batch_total_tokens", strict=False)
         return self
 
-    def to_argv(self) -> list[str]:
-        """Set flags as kebab-case argv (`--max-total-tokens 2048`), unset ones left out."""
+    def to_argv(self, engine: Literal["embedded", "tgi"] = "embedded") -> list[str]:
+        """Set flags as kebab-case argv (`--max-total-tokens 2048`), unset ones left out.
+        Secrets are not flags: see secret_env."""
         argv: list[str] = []
-        for name, value in self.model_dump(exclude_none=True).items():
+        for name, value in self.model_dump(exclude_none=True, exclude=SECRET_FLAGS).items():
             flag = "--" + name.replace("_", "-")
             if name in _BARE_SWITCHES:
                 if value:
                     argv.append(flag)
             elif isinstance(value, bool):
                 argv += [flag, str(value).lower()]
+            elif isinstance(value, list) and engine == "tgi" and name in _TGI_REPEATED_FLAGS:
+                for item in value:
+                    argv += [flag, str(item)]
             elif isinstance(value, list):
                 argv += [flag, ",".join(str(v) for v in value)]
             else:
                 argv += [flag, str(value)]
         return argv
+
+    def secret_env(self) -> dict[str, str]:
+        """Secret flags as the environment variables both launchers read instead (API_KEY):
+        a command line is visible to every process on the node, and logged."""
+        return {name.upper(): str(getattr(self, name))
+                for name in sorted(SECRET_FLAGS) if getattr(self, name) is not None}  # fmt: skip
 
 
 class ResourceConfig(_Strict):
@@ -257,7 +273,7 @@ class ModelConfig(_Strict):
         if self.revision is not None:
             argv += ["--revision", self.revision]
         argv += ["--num-shard", str(self.num_shard)]
-        return argv + self.launcher_args.to_argv()
+        return argv + self.launcher_args.to_argv(self.engine)
 
 
 class IngressOptions(_Strict):

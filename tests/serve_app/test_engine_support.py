@@ -51,3 +51,20 @@ def test_the_serve_side_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=120, check=True).stdout  # fmt: skip
     assert out.strip() == "[]"
+
+
+def test_the_api_key_goes_to_the_environment_not_the_command_line():
+    cfg = model(engine="tgi", launcher_args={"api_key": "s3cret", "max_total_tokens": 512})
+    assert cfg.launcher_argv() == ["--model-id", "org/name", "--num-shard", "1",
+                                   "--max-total-tokens", "512"]  # fmt: skip
+    assert cfg.launcher_args.secret_env() == {"API_KEY": "s3cret"}  # read by both launchers
+    assert model().launcher_args.secret_env() == {}
+
+
+def test_origins_are_one_flag_each_for_tgi_and_one_list_for_the_embedded_engine():
+    origins = {"cors_allow_origin": ["https://a.example", "https://b.example"]}
+    tgi = model(engine="tgi", launcher_args=origins).launcher_argv()
+    assert tgi[-4:] == ["--cors-allow-origin", "https://a.example",
+                        "--cors-allow-origin", "https://b.example"]  # fmt: skip
+    embedded = model(launcher_args=origins).launcher_argv()
+    assert embedded[-2:] == ["--cors-allow-origin", "https://a.example,https://b.example"]
