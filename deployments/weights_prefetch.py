@@ -26,6 +26,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 from huggingface_hub import constants, snapshot_download
+from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import disable_progress_bars
 from tqdm.auto import tqdm
 
@@ -103,7 +104,7 @@ def prefetch_weights(
     """Download `repo_id`'s weights into `cache_dir` once per node (see the module doc)."""
     revision = revision or "main"
     name = f"{repo_id}@{revision}"
-    storage = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    storage = cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
     lock_path = cache_dir / ".locks" / "ray-tgi" / f"{storage.name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path)
