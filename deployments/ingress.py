@@ -10,6 +10,9 @@ Each request goes to one model, chosen as deployments/model_choice.py says: rout
 `/models/{name}/...`, then the `x-model` header, then the OpenAI body's `model`, then the
 first model. Other Ray apps can call the same models through this deployment's handle
 (`call` / `stream`, with `model=`) or through a TGIServer's own handle.
+
+Every inference request is observed (metrics, a span, a log line) by the middleware of
+deployments/request_observer.py; GET /metrics is deployments/app_metrics.py's.
 """
 
 import time

@@ -14,6 +14,7 @@ on the request counter (see deployments/request_observer.py for what a status me
 """
 
 from collections import defaultdict
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ray.serve import metrics as serve_metrics
@@ -37,23 +38,32 @@ class _Mirrored:
         self.prom = prom
         self.ray = ray_metric
         self.labels = labels
+        # Per label values: the labelled child and Ray's tags, looked up once (the
+        # inter-token histogram is observed for every streamed token).
+        self._children: dict[tuple[str, ...], tuple[Any, dict[str, str]]] = {}
 
-    def _tags(self, values: tuple[str, ...]) -> dict[str, str]:
-        return dict(zip(self.labels, values, strict=True))
+    def _child(self, values: tuple[str, ...]) -> tuple[Any, dict[str, str]]:
+        child = self._children.get(values)
+        if child is None:
+            tags = dict(zip(self.labels, values, strict=True))
+            child = self._children[values] = (self.prom.labels(*values), tags)
+        return child
 
 
 class _Counter(_Mirrored):
     def inc(self, values: tuple[str, ...], amount: float = 1.0) -> None:
-        self.prom.labels(*values).inc(amount)
+        prom, tags = self._child(values)
+        prom.inc(amount)
         if self.ray is not None:
-            self.ray.inc(amount, tags=self._tags(values))
+            self.ray.inc(amount, tags=tags)
 
 
 class _Histogram(_Mirrored):
     def observe(self, values: tuple[str, ...], value: float) -> None:
-        self.prom.labels(*values).observe(value)
+        prom, tags = self._child(values)
+        prom.observe(value)
         if self.ray is not None:
-            self.ray.observe(value, tags=self._tags(values))
+            self.ray.observe(value, tags=tags)
 
 
 class _Gauge(_Mirrored):
@@ -65,9 +75,10 @@ class _Gauge(_Mirrored):
 
     def add(self, values: tuple[str, ...], delta: int) -> None:
         self._counts[values] += delta
-        self.prom.labels(*values).set(self._counts[values])
+        prom, tags = self._child(values)
+        prom.set(self._counts[values])
         if self.ray is not None:
-            self.ray.set(self._counts[values], tags=self._tags(values))
+            self.ray.set(self._counts[values], tags=tags)
 
 
 class IngressMetrics:
