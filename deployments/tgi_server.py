@@ -25,8 +25,9 @@ from deployments.errors import TGIError
 from deployments.launcher import Launcher, embedded_env, free_port, launcher_command
 from deployments.placement import launcher_env, placement_options, reserve_shard_gpus
 from deployments.router import TGIRequestRouter
+from deployments.tracing import BACKEND, MODEL_ID, MODEL_NAME, Tracing, hop_span
 from deployments.weights_prefetch import prefetch_for_launcher
-from serve_app.config import DeploymentOptions, ModelConfig
+from serve_app.config import DeploymentOptions, ModelConfig, TracingOptions
 
 # TGI's default --max-concurrent-requests.
 _DEFAULT_MAX_CONCURRENT_REQUESTS = 128
@@ -77,14 +78,24 @@ class TGIServer:
             "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
         }
 
-    async def __init__(self, model_cfg: ModelConfig, command: Sequence[str] | None = None):
+    async def __init__(
+        self,
+        model_cfg: ModelConfig,
+        command: Sequence[str] | None = None,
+        tracing: TracingOptions | None = None,
+    ):
         """Start the launcher and wait until it is healthy.
 
         `command` replaces the launcher command line built from `model_cfg` (tests run a
-        stand-in server this way); `--hostname/--port` are appended either way.
+        stand-in server this way); `--hostname/--port` are appended either way. `tracing`
+        on: a span per call, its context passed on to the launcher (`traceparent`).
         """
         self.model_cfg = model_cfg
         weights_env: dict[str, str] = {}
+        self._tracing = Tracing(tracing, component=f"TGIServer:{model_cfg.name}")
+        self._span_attributes = {
+            BACKEND: model_cfg.engine, MODEL_ID: model_cfg.model_id, MODEL_NAME: model_cfg.name
+        }  # fmt: skip
         if command is None:
             flags = model_cfg.launcher_argv()
             if model_cfg.engine == "tgi" or model_cfg.num_shard > 1:
@@ -136,8 +147,12 @@ class TGIServer:
         """One request to a forwardable route; the reply as the launcher gave it (body,
         content type, TGI's x-* headers). Non-200 answers raise TGIError."""
         _check_route(method, path)
-        response = await self._client.request(method, path, json=request, headers=headers)
-        _raise_for_error(response.status_code, response.content)
+        with self._launcher_span(method, path, headers) as (span, headers, outcome):
+            response = await self._client.request(method, path, json=request, headers=headers)
+            if span.is_recording():
+                outcome.read_headers(response.headers)
+                outcome.read_body(response.content)
+            _raise_for_error(response.status_code, response.content)
         return LauncherReply(
             response.content, response.headers.get("content-type", ""), _tgi_headers(response)
         )
@@ -153,15 +168,33 @@ class TGIServer:
         `async with`, which closes the connection, which is how the engine learns to stop.
         """
         _check_route("POST", path)
-        async with self._client.stream("POST", path, json=request, headers=headers) as response:
-            if response.status_code != 200:
-                _raise_for_error(response.status_code, await response.aread())
-            yield _tgi_headers(response)
-            async for line in response.aiter_lines():
-                if line:  # events and keep-alive comments; blank lines only separate them
-                    yield f"{line}\n\n"
+        with self._launcher_span("POST", path, headers) as (span, headers, outcome):
+            async with self._client.stream("POST", path, json=request, headers=headers) as response:
+                if response.status_code != 200:
+                    _raise_for_error(response.status_code, await response.aread())
+                yield _tgi_headers(response)
+                outcome.read_headers(response.headers)
+                async for line in response.aiter_lines():
+                    if line:  # events and keep-alive comments; blank lines only separate them
+                        if span.is_recording():
+                            outcome.read_event(line)
+                        yield f"{line}\n\n"
+
+    def _launcher_span(self, method: str, path: str, headers: dict[str, str] | None):
+        return hop_span(self._tracing.tracer, f"{method} {path}", headers, self._span_attributes)
 
     # --- load, for the request router and the autoscaler ----------------------------
+
+    async def engine_metrics(self) -> dict[str, str | None]:
+        """This replica's id and its launcher's Prometheus text (`metrics`), or why it has
+        none (`error`); the ingress gathers every replica's through `handle.broadcast`."""
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        try:
+            response = await self._client.get("/metrics", timeout=5.0)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            return {"replica_id": replica_id, "metrics": None, "error": f"{exc!r}"[:300]}
+        return {"replica_id": replica_id, "metrics": response.text, "error": None}
 
     async def _engine_load(self) -> EngineLoad:
         response = await self._client.get("/metrics", timeout=5.0)
@@ -185,6 +218,7 @@ class TGIServer:
             "gpu_ids": self._gpu_ids,
             "launcher_pid": self._launcher.pid,
             "launcher_url": self._launcher.url,
+            "launcher_log": str(self._launcher.log_path),
         }
 
     # --- health and lifecycle ---------------------------------------------------------
@@ -209,6 +243,9 @@ class TGIServer:
         launcher = getattr(self, "_launcher", None)
         if launcher is not None:
             launcher.stop()
+        tracing = getattr(self, "_tracing", None)
+        if tracing is not None:
+            tracing.shutdown()
 
 
 def _replica_options(d: DeploymentOptions) -> dict[str, Any]:

@@ -296,11 +296,33 @@ class IngressOptions(_Strict):
     )  # fmt: skip
 
 
+class TracingOptions(_Strict):
+    """OpenTelemetry tracing: a span per request in the ingress and in the TGIServer, sent
+    to an OTLP/HTTP collector (deployments/tracing.py)."""
+
+    otlp_endpoint: str = Field(
+        pattern=r"^https?://",
+        description="OTLP/HTTP collector base URL, e.g. http://127.0.0.1:4318; spans are "
+        "POSTed to {otlp_endpoint}/v1/traces.",
+    )
+    service_name: str = Field("ray-tgi", min_length=1, description="OTel service.name.")
+    sampling_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of new traces sampled (a caller's choice wins)."
+    )
+    launcher_otlp_endpoint: str | None = Field(
+        None,
+        description="Passed to every launcher as --otlp-endpoint unless its model's "
+        "launcher_args set one. TGI exports OTLP over gRPC: the collector's gRPC port, e.g. "
+        "http://127.0.0.1:4317.",
+    )
+
+
 class AppArgs(_Strict):
     """The whole application: the models it serves and its ingress."""
 
     models: list[ModelConfig] = Field(min_length=1, description="Served models.")
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+    tracing: TracingOptions | None = Field(None, description="OpenTelemetry tracing; off if unset.")
     check_placement: bool = Field(
         True,
         description="Fail the deploy when no alive node can hold one replica of a model "
