@@ -1,10 +1,11 @@
 """GET /stats: for each model, its replicas (Serve's view) and its engine's queue (TGI's).
 
 Replica counts come from `serve.status()`, which works inside a replica (it asks the Serve
-controller). The queue comes from the engine's own Prometheus gauges, TGI's names:
+controller). The queue comes from the engines' own Prometheus gauges, TGI's names:
 `tgi_queue_size` (requests waiting for a batch) and `tgi_batch_current_size` (requests in
-the running batch). A handle call reaches one replica, so with several replicas of a model
-the engine numbers are one replica's (`engine_sampled_replicas` says so).
+the running batch), read from every running replica (`handle.broadcast`, through
+deployments/replica_metrics.py): a model's numbers are the sums, and `replicas` lists each
+replica's own.
 """
 
 import asyncio
@@ -16,10 +17,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeStatus
 
+from deployments.replica_metrics import ENGINE_TIMEOUT_S, scrape_model
+
 _ENGINE_GAUGES = {"tgi_queue_size": "queued_requests", "tgi_batch_current_size": "running_requests"}
-# A model's entry waits this long for its engine; a stuck replica must not hang /stats.
-# Generous: a handle's first call from a replica also waits for Serve's list of replicas.
-ENGINE_TIMEOUT_S = 10.0
 
 
 class AppStats:
@@ -40,16 +40,21 @@ class AppStats:
         entry.update(replica_counts(status, server.app_name, server.deployment_name))
         try:
             model_id = await asyncio.wait_for(self._model_id(name), ENGINE_TIMEOUT_S)
-            metrics = await asyncio.wait_for(
-                server.call.remote("GET", "/metrics"), ENGINE_TIMEOUT_S
-            )
         except Exception as exc:  # one model down must not hide the others' numbers
             error = f"{type(exc).__name__}: {exc}"[:300]
             if isinstance(exc, TimeoutError):
                 error = f"the engine did not answer within {ENGINE_TIMEOUT_S:g} s"
             return {**entry, "model_id": self._model_ids.get(name), "error": error}
-        queue = engine_queue(metrics.body.decode("utf-8", errors="replace"))
-        return {**entry, "model_id": model_id, **queue, "engine_sampled_replicas": 1}
+        scrape = await scrape_model(name, server, ENGINE_TIMEOUT_S)
+        replicas = [{"replica_id": r.replica_id, **engine_queue(r.text)} for r in scrape.replicas]
+        totals = {
+            key: sum(r.get(key, 0) for r in replicas)
+            for key in ("queued_requests", "running_requests")
+        }
+        entry = {**entry, "model_id": model_id, **totals, "replicas": replicas}
+        if scrape.errors:
+            entry["error"] = "; ".join(scrape.errors)
+        return entry
 
     async def _model_id(self, name: str) -> str:
         if name not in self._model_ids:

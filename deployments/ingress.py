@@ -10,6 +10,9 @@ Each request goes to one model, chosen as deployments/model_choice.py says: rout
 `/models/{name}/...`, then the `x-model` header, then the OpenAI body's `model`, then the
 first model. Other Ray apps can call the same models through this deployment's handle
 (`call` / `stream`, with `model=`) or through a TGIServer's own handle.
+
+Every inference request is observed (metrics, a span, a log line) by the middleware of
+deployments/request_observer.py; GET /metrics is deployments/app_metrics.py's.
 """
 
 import asyncio
@@ -19,12 +22,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.app_metrics import AppMetrics
 from deployments.app_stats import AppStats
 from deployments.chat_page import ChatPage
 from deployments.errors import (
@@ -36,14 +41,22 @@ from deployments.errors import (
     openai_error_response,
     serve_refusals_as_tgi_errors,
 )
+from deployments.ingress_metrics import IngressMetrics
 from deployments.model_choice import MODEL_HEADER, choose_model, requested_model
 from deployments.openapi_bodies import request_body, with_body_schemas
 from deployments.request_body import parse_json_object
 from deployments.request_guard import GuardPolicy, RequestGuard
+from deployments.request_observer import (
+    ObservabilityMiddleware,
+    RequestObserver,
+    install_observer,
+    note_model,
+)
 from deployments.tgi_server import LauncherReply
 from deployments.token_budget import TokenBudgets
+from deployments.tracing import TRACE_HEADERS, Tracing, current_trace_headers
 from engine.schemas import ChatRequest, CompatGenerateRequest, CompletionRequest, GenerateRequest
-from serve_app.config import IngressOptions
+from serve_app.config import IngressOptions, TracingOptions
 
 app = FastAPI(title="ray-tgi", openapi_url="/api-doc/openapi.json")  # TGI's path
 app.openapi = with_body_schemas(app.openapi)  # the engine's body models, documented
@@ -66,8 +79,13 @@ app.add_exception_handler(OpenAIError, _handle_openai_error)
 app.add_exception_handler(StarletteHTTPException, lambda _r, e: http_error_response(e))
 # Body size, API keys, per-key limits and the request timeout (deployments/request_guard.py).
 app.add_middleware(RequestGuard)
+# Metrics, a span and a log line per inference request (deployments/request_observer.py).
+# Added last, so it is the outermost middleware and sees every answer, RequestGuard's 401,
+# 413 and 429 included.
+app.add_middleware(ObservabilityMiddleware)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_PASSED_ON_HEADERS = frozenset({"authorization", *TRACE_HEADERS})
 
 
 # The helpers come before the class: `serve.ingress` pickles the app's routes when it
@@ -147,15 +165,28 @@ class Ingress:
     @classmethod
     def get_deployment_options(cls, options: IngressOptions) -> dict[str, Any]:
         """Serve options for the ingress (pure: tests assert it without Ray)."""
+        rollout = {
+            key: value
+            for key in ("graceful_shutdown_timeout_s", "max_surge_percent")
+            if (value := getattr(options, key)) is not None
+        }  # unset: Serve's defaults
         return {
             "name": "Ingress",
             "num_replicas": options.num_replicas,
             "max_ongoing_requests": options.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": options.num_cpus},
-            "graceful_shutdown_timeout_s": options.graceful_shutdown_timeout_s,
+            **rollout,
         }
 
-    def __init__(self, models: dict[str, DeploymentHandle], options: IngressOptions | None = None):
+    def __init__(
+        self,
+        models: dict[str, DeploymentHandle],
+        options: IngressOptions | None = None,
+        tracing: TracingOptions | None = None,
+        model_facts: dict[str, dict[str, str]] | None = None,
+    ):
+        """`options`: API keys and limits; `model_facts`: `{name: {"model_id": ..,
+        "backend": ..}}`, for the spans."""
         if not models:
             raise ValueError("the ingress needs at least one model")
         options = options or IngressOptions()
@@ -167,6 +198,16 @@ class Ingress:
         self._created = int(time.time())
         self._chat_page = ChatPage()
         self._stats = AppStats(models)
+        metrics = IngressMetrics()
+        self._metrics = AppMetrics(models, metrics)
+        self._tracing = Tracing(tracing, component="Ingress")
+        install_observer(RequestObserver(metrics, self._tracing, model_facts or {}))
+
+    def __del__(self) -> None:
+        install_observer(None)
+        tracing = getattr(self, "_tracing", None)
+        if tracing is not None:
+            tracing.shutdown()  # export the last spans
 
     # --- which model ------------------------------------------------------------------
 
@@ -179,9 +220,14 @@ class Ingress:
         name = requested_model(
             request.path_params.get("model"), request.headers.get(MODEL_HEADER), body_model
         )
-        return self._server_named(name, openai)
+        chosen = self._chosen(name, openai)
+        note_model(request, chosen)
+        return self._models[chosen]
 
     def _server_named(self, model: str | None, openai: bool = False) -> DeploymentHandle:
+        return self._models[self._chosen(model, openai)]
+
+    def _chosen(self, model: str | None, openai: bool) -> str:
         chosen = choose_model(self._names, model)
         if chosen is None:
             if openai:
@@ -190,7 +236,7 @@ class Ingress:
             raise TGIError(
                 f"model {str(model)!r} is not served here (served: {served})", 404, "not_found"
             )
-        return self._models[chosen]
+        return chosen
 
     # --- routes forwarded to a launcher, unchanged -----------------------------------
 
@@ -230,17 +276,25 @@ class Ingress:
 
     @_route("GET", "/metrics")
     async def metrics(self, request: Request) -> Response:
-        """One model's engine metrics (the first, or the one named): scrape each model's."""
-        with serve_refusals_as_tgi_errors():
-            return _reply(await self._server_for(request).call.remote("GET", "/metrics"))
+        """The app's metrics: the ingress's own and every replica's engine metrics, with
+        `model` and `replica` labels; one model's under its prefix or x-model header."""
+        only = None
+        if "model" in request.path_params or MODEL_HEADER in request.headers:
+            name = requested_model(
+                request.path_params.get("model"), request.headers.get(MODEL_HEADER)
+            )
+            only = self._chosen(name, openai=False)
+        return Response(await self._metrics.render(only), media_type=CONTENT_TYPE_LATEST)
 
     async def _forward(self, path: str, request: Request) -> Response:
         body = await _json_object(request)
         server = self._server_for(request, body, openai=path.startswith("/v1/"))
         if self._token_budgets is not None:  # TGI's token limits, before dispatch
             await self._token_budgets.check(server, path, body)
-        # The launcher checks the API key (--api-key), so the client's credentials go along.
-        headers = {k: v for k, v in request.headers.items() if k == "authorization"}
+        # The launcher checks the API key (--api-key), so the client's credentials go along,
+        # and the trace context (this request's span; the caller's if tracing is off).
+        headers = {k: v for k, v in request.headers.items() if k in _PASSED_ON_HEADERS}
+        headers = current_trace_headers(headers)
         with serve_refusals_as_tgi_errors():
             if path == "/generate_stream" or (path in STREAMABLE and body.get("stream")):
                 stream = server.options(stream=True).stream.remote(path, body, headers)

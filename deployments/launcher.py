@@ -43,7 +43,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def launcher_command(engine: EngineKind, flags: Sequence[str]) -> list[str]:
-    """The command line of either launcher; both take the same TGI flags."""
+    """The command line of either launcher; both take the same TGI flags. The real one is
+    found on the launcher environment's PATH. Secrets (HF_TOKEN) never go here: the
+    launcher reads them from its environment, and this command line is logged."""
     if engine == "embedded":
         return [sys.executable, "-m", "engine", *flags]
     return ["text-generation-launcher", *flags]
@@ -119,15 +121,22 @@ class Launcher:
     def start(self) -> None:
         if self._process is not None:
             raise RuntimeError("launcher already started")
-        self._process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,  # its own process group: stop() reaches its shards
-            preexec_fn=_parent_death_signal(),
-        )
+        try:
+            self._process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # its own process group: stop() reaches its shards
+                preexec_fn=_parent_death_signal(),
+            )
+        except FileNotFoundError:
+            path = (self.env if self.env is not None else os.environ).get("PATH", "")
+            raise LauncherError(
+                f"{self.command[0]} is not on PATH ({path}); `engine: tgi` needs TGI's "
+                "launcher installed, as in deploy/Dockerfile's image"
+            ) from None
         self._pump = threading.Thread(target=self._pump_output, name="launcher-log", daemon=True)
         self._pump.start()
 

@@ -27,7 +27,9 @@ from deployments.launcher import Launcher, embedded_env, free_port, launcher_com
 from deployments.placement import launcher_env, placement_options, reserve_shard_gpus
 from deployments.router import TGIRequestRouter
 from deployments.tokenizer_files import read_tokenizer_files
-from serve_app.config import DeploymentOptions, ModelConfig
+from deployments.tracing import BACKEND, MODEL_ID, MODEL_NAME, Tracing, hop_span
+from deployments.weights_prefetch import prefetch_for_launcher
+from serve_app.config import DeploymentOptions, ModelConfig, TracingOptions
 
 # TGI's default --max-concurrent-requests.
 _DEFAULT_MAX_CONCURRENT_REQUESTS = 128
@@ -79,24 +81,43 @@ class TGIServer:
             **({"max_queued_requests": d.max_queued_requests} if d.max_queued_requests else {}),
         }
 
-    async def __init__(self, model_cfg: ModelConfig, command: Sequence[str] | None = None):
+    async def __init__(
+        self,
+        model_cfg: ModelConfig,
+        command: Sequence[str] | None = None,
+        tracing: TracingOptions | None = None,
+    ):
         """Start the launcher and wait until it is healthy.
 
         `command` replaces the launcher command line built from `model_cfg` (tests run a
-        stand-in server this way); `--hostname/--port` are appended either way.
+        stand-in server this way); `--hostname/--port` are appended either way. `tracing`
+        on: a span per call, its context passed on to the launcher (`traceparent`).
         """
         self.model_cfg = model_cfg
+        weights_env: dict[str, str] = {}
+        self._tracing = Tracing(tracing, component=f"TGIServer:{model_cfg.name}")
+        self._span_attributes = {
+            BACKEND: model_cfg.engine, MODEL_ID: model_cfg.model_id, MODEL_NAME: model_cfg.name
+        }  # fmt: skip
         if command is None:
             flags = model_cfg.launcher_argv()
             if model_cfg.engine == "tgi" or model_cfg.num_shard > 1:
                 # Distinct per replica, so several launchers can share a node.
                 flags += ["--master-port", str(free_port())]
                 flags += ["--shard-uds-path", f"/tmp/ray-tgi-{model_cfg.name}-{os.getpid()}"]
+            # Hub weights: one download per node, then the launcher reads the cache offline.
+            weights = await asyncio.to_thread(prefetch_for_launcher, model_cfg)
+            if weights is not None:
+                flags += weights.launcher_flags(flags)
+                weights_env = weights.launcher_env()
             command = launcher_command(model_cfg.engine, flags)
         # The holders keep the other shards' GPUs reserved while this replica lives.
         self._gpu_ids, self._shard_holders = await reserve_shard_gpus(model_cfg)
         base_env = embedded_env() if model_cfg.engine == "embedded" else None
-        env = launcher_env(base_env, self._gpu_ids)
+        # Secrets (HF_TOKEN from the replica's environment, the API key) reach the launcher
+        # only this way: never on its command line, which is logged.
+        secrets = model_cfg.launcher_args.secret_env()
+        env = launcher_env(base_env, self._gpu_ids) | weights_env | secrets
         self._launcher = Launcher(command, env=env, echo=sys.stderr)
         # Started from the replica's long-lived user thread: the parent-death signal is
         # tied to the thread that forks.
@@ -129,9 +150,13 @@ class TGIServer:
         """One request to a forwardable route; the reply as the launcher gave it (body,
         content type, TGI's x-* headers). Non-200 answers raise TGIError."""
         _check_route(method, path)
-        async with self._launcher_gone_is_an_error():
-            response = await self._client.request(method, path, json=request, headers=headers)
-        _raise_for_error(response.status_code, response.content)
+        with self._launcher_span(method, path, headers) as (span, headers, outcome):
+            async with self._launcher_gone_is_an_error():
+                response = await self._client.request(method, path, json=request, headers=headers)
+            if span.is_recording():
+                outcome.read_headers(response.headers)
+                outcome.read_body(response.content)
+            _raise_for_error(response.status_code, response.content)
         return LauncherReply(
             response.content, response.headers.get("content-type", ""), _tgi_headers(response)
         )
@@ -147,16 +172,23 @@ class TGIServer:
         `async with`, which closes the connection, which is how the engine learns to stop.
         """
         _check_route("POST", path)
-        async with (
-            self._launcher_gone_is_an_error(),
-            self._client.stream("POST", path, json=request, headers=headers) as reply,
-        ):
-            if reply.status_code != 200:
-                _raise_for_error(reply.status_code, await reply.aread())
-            yield _tgi_headers(reply)
-            async for line in reply.aiter_lines():
-                if line:  # events and keep-alive comments; blank lines only separate them
-                    yield f"{line}\n\n"
+        with self._launcher_span("POST", path, headers) as (span, headers, outcome):
+            async with (
+                self._launcher_gone_is_an_error(),
+                self._client.stream("POST", path, json=request, headers=headers) as reply,
+            ):
+                if reply.status_code != 200:
+                    _raise_for_error(reply.status_code, await reply.aread())
+                yield _tgi_headers(reply)
+                outcome.read_headers(reply.headers)
+                async for line in reply.aiter_lines():
+                    if line:  # events and keep-alive comments; blank lines only separate them
+                        if span.is_recording():
+                            outcome.read_event(line)
+                        yield f"{line}\n\n"
+
+    def _launcher_span(self, method: str, path: str, headers: dict[str, str] | None):
+        return hop_span(self._tracing.tracer, f"{method} {path}", headers, self._span_attributes)
 
     @contextlib.asynccontextmanager
     async def _launcher_gone_is_an_error(self) -> AsyncIterator[None]:
@@ -180,6 +212,17 @@ class TGIServer:
         return await asyncio.to_thread(read_tokenizer_files, self.model_cfg)
 
     # --- load, for the request router and the autoscaler ----------------------------
+
+    async def engine_metrics(self) -> dict[str, str | None]:
+        """This replica's id and its launcher's Prometheus text (`metrics`), or why it has
+        none (`error`); the ingress gathers every replica's through `handle.broadcast`."""
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        try:
+            response = await self._client.get("/metrics", timeout=5.0)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            return {"replica_id": replica_id, "metrics": None, "error": f"{exc!r}"[:300]}
+        return {"replica_id": replica_id, "metrics": response.text, "error": None}
 
     async def _engine_load(self) -> EngineLoad:
         response = await self._client.get("/metrics", timeout=5.0)
@@ -228,12 +271,17 @@ class TGIServer:
         launcher = getattr(self, "_launcher", None)
         if launcher is not None:
             launcher.stop()
+        tracing = getattr(self, "_tracing", None)
+        if tracing is not None:
+            tracing.shutdown()
 
 
 def _replica_options(d: DeploymentOptions) -> dict[str, Any]:
     """How many replicas (fixed, or autoscaled on the engines' queues) and how requests are
     routed among them."""
     options: dict[str, Any] = {}
+    if d.max_surge_percent is not None:  # new replicas up before old ones stop (blue/green)
+        options["max_surge_percent"] = d.max_surge_percent
     if d.autoscaling is None:
         options["num_replicas"] = d.num_replicas or 1
     else:

@@ -92,6 +92,7 @@ def build(args):
             enable_prefix_caching=args.prefix_caching,
             max_waiting_tokens=args.max_waiting_tokens,
             dtype=args.dtype,
+            quantize=args.quantize,
             num_shard=args.num_shard,
             cuda_graphs=parse_cuda_graphs(args.cuda_graphs),
             master_addr=args.master_addr,
@@ -101,7 +102,8 @@ def build(args):
     )
     args.max_batch_total_tokens = engine.config.max_batch_total_tokens
     check_batch_total_tokens(args)
-    log.info("model %s loaded from %s, num_shard=%d", args.model_id, model_dir, args.num_shard)
+    log.info("model %s loaded from %s, num_shard=%d, quantize=%s", args.model_id, model_dir,
+             args.num_shard, args.quantize)  # fmt: skip
     log.info("Setting max batch total tokens to %d", args.max_batch_total_tokens)  # TGI's line
     limits = Limits(
         max_concurrent_requests=args.max_concurrent_requests,

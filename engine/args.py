@@ -35,7 +35,7 @@ FLAGS = [
     Flag("revision", str, None, "Hub revision of the model"),
     Flag("num-shard", int, None, "Tensor-parallel shards: one process (and one GPU) each"),
     Flag("sharded", bool, None, "Shard over every visible GPU (true) or not at all (false)"),
-    Flag("quantize", str, None, "Quantization method", implemented=False),
+    Flag("quantize", str, None, "Weight quantization: eetq (int8 weight-only)"),
     Flag("dtype", str, None, "float32 | float16 | bfloat16 (default: fp32 on CPU, bf16 on GPU)"),
     Flag("max-concurrent-requests", int, 128, "Requests in flight before 429"),
     Flag("max-best-of", int, 2, "Largest best_of"),
@@ -72,6 +72,11 @@ FLAGS = [
     ),  # fmt: skip
 ]
 
+# The --quantize values the embedded engine implements (engine/quantization.py's QUANTIZERS;
+# listed here so that parsing flags needs no torch). TGI's launcher takes more: awq, gptq, fp8,
+# ... run those with the real launcher (`engine: tgi`).
+SUPPORTED_QUANTIZATIONS = ("eetq",)
+
 # Defaults TGI derives from the model when a limit is not given.
 DEFAULT_MAX_BATCH_TOTAL_TOKENS_CPU = 16384
 
@@ -107,7 +112,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 
 def parse_launcher_args(argv: Sequence[str], environ: Mapping[str, str]) -> argparse.Namespace:
-    args = build_parser(environ).parse_args(argv)
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    if args.quantize is not None and args.quantize not in SUPPORTED_QUANTIZATIONS:
+        parser.error(
+            f"--quantize {args.quantize!r} is not supported by the embedded engine; supported: "
+            f"{', '.join(SUPPORTED_QUANTIZATIONS)} (TGI's other methods need the real "
+            "text-generation-launcher: engine: tgi)"
+        )
     for flag in FLAGS:
         value = getattr(args, flag.dest)
         if not flag.implemented and value not in (None, flag.default):

@@ -40,10 +40,13 @@ def register(app: FastAPI, service: TextGenerationService, envelope_base: dict) 
             "object": "text_completion",
         }
         if body.stream:
-            return sse_response(
+            response = sse_response(
                 completion_events(service, requests, envelope),
                 on_close=lambda: service.release(len(requests)),
             )
+            num_prompt = sum(len(r.prompt_ids) for r in requests)
+            response.headers["x-prompt-tokens"] = str(num_prompt)  # not TGI's
+            return response
         try:
             runs = await asyncio.gather(*(service.generate_all(r) for r in requests))
         finally:

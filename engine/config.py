@@ -23,6 +23,7 @@ class EngineConfig:
     max_waiting_tokens: int = 20
     block_size: int = 16
     dtype: str | None = None  # None -> float32 on CPU, bfloat16 on CUDA
+    quantize: str | None = None  # a key of engine/quantization.py's QUANTIZERS; None: off
     device: str | None = None  # None -> "cuda" if available else "cpu"
     # Decode batch sizes captured as CUDA graphs (CUDA, unsharded); None: TGI's default
     # buckets; (): eager decode.

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 from engine.config import EngineConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.quantization import quantize_model
 from engine.tensor_parallel import TensorParallel
 
 # config.json "architectures" entry -> model class
@@ -53,8 +54,10 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     tp: TensorParallel,
+    quantize: str | None = None,
 ) -> LlamaForCausalLM:
-    """Build the model without initialising it (meta device), then fill it from safetensors."""
+    """Build the model without initialising it (meta device), fill it from safetensors, then
+    quantize it in place when `quantize` names a method (engine/quantization.py)."""
     architectures = getattr(model_config, "architectures", None) or ["LlamaForCausalLM"]
     model_cls = MODEL_REGISTRY.get(architectures[0])
     if model_cls is None:
@@ -66,4 +69,6 @@ def load_model(
     model = model.to(dtype).to_empty(device=device)
     model.rotary_emb.reset_parameters()  # buffers are recomputed, not loaded
     model.load_weights(iter_safetensors(model_dir))
+    if quantize is not None:
+        quantize_model(model, quantize)
     return model.eval()

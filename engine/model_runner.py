@@ -77,7 +77,13 @@ class ModelRunner:
             getattr(model_config, "max_position_embeddings", 0), config.max_batch_total_tokens or 0
         )
         self.model = load_model(
-            model_config, config.model_dir, max_positions, self.device, self.dtype, self.tp
+            model_config,
+            config.model_dir,
+            max_positions,
+            self.device,
+            self.dtype,
+            self.tp,
+            config.quantize,
         )
         if config.max_batch_total_tokens is None:
             num_kv_blocks = self._blocks_that_fit(model_config, config)

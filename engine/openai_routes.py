@@ -66,7 +66,9 @@ def register(app: FastAPI, service: TextGenerationService, model_id: str) -> Non
         }
         if body.stream:
             chunks = chat_chunks(service, body, plan, requests, envelope)
-            return sse_response(chunks, on_close=lambda: service.release(n))
+            response = sse_response(chunks, on_close=lambda: service.release(n))
+            response.headers["x-prompt-tokens"] = str(len(request.prompt_ids))  # not TGI's
+            return response
         counts = ChatUsage()
         try:
             choices = await asyncio.gather(*(

@@ -86,6 +86,8 @@ def create_app(service: TextGenerationService, info: dict, args) -> FastAPI:
         events = stream_events(service, body, request)
         response = sse_response(events, on_close=service.release)
         response.headers["x-compute-type"] = service.compute_type
+        # Not sent by TGI on streams; lets the ray-tgi ingress count a stream's prompt tokens.
+        response.headers["x-prompt-tokens"] = str(len(request.prompt_ids))
         return response
 
     openai_routes.register(app, service, model_id=info["model_id"])

@@ -8,6 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+# engine/args.py imports no torch: the Serve side may read what the embedded engine supports.
+from engine.args import SUPPORTED_QUANTIZATIONS
+
 # TGI's `--quantize` choices (text-generation-launcher 3.x).
 Quantization = Literal[
     "awq",
@@ -21,6 +24,12 @@ Quantization = Literal[
     "bitsandbytes-fp4",
     "fp8",
 ]
+
+
+# Launcher flags passed in the environment, never on the command line.
+SECRET_FLAGS = {"api_key"}
+# List flags TGI's launcher takes once per value (it splits only --cuda-graphs on commas).
+_TGI_REPEATED_FLAGS = {"cors_allow_origin"}
 
 
 class _Strict(BaseModel):
@@ -104,21 +113,31 @@ class LauncherArgs(_Strict):
         check("max_batch_prefill_tokens", "max_batch_total_tokens", strict=False)
         return self
 
-    def to_argv(self) -> list[str]:
-        """Set flags as kebab-case argv (`--max-total-tokens 2048`), unset ones left out."""
+    def to_argv(self, engine: Literal["embedded", "tgi"] = "embedded") -> list[str]:
+        """Set flags as kebab-case argv (`--max-total-tokens 2048`), unset ones left out.
+        Secrets are not flags: see secret_env."""
         argv: list[str] = []
-        for name, value in self.model_dump(exclude_none=True).items():
+        for name, value in self.model_dump(exclude_none=True, exclude=SECRET_FLAGS).items():
             flag = "--" + name.replace("_", "-")
             if name in _BARE_SWITCHES:
                 if value:
                     argv.append(flag)
             elif isinstance(value, bool):
                 argv += [flag, str(value).lower()]
+            elif isinstance(value, list) and engine == "tgi" and name in _TGI_REPEATED_FLAGS:
+                for item in value:
+                    argv += [flag, str(item)]
             elif isinstance(value, list):
                 argv += [flag, ",".join(str(v) for v in value)]
             else:
                 argv += [flag, str(value)]
         return argv
+
+    def secret_env(self) -> dict[str, str]:
+        """Secret flags as the environment variables both launchers read instead (API_KEY):
+        a command line is visible to every process on the node, and logged."""
+        return {name.upper(): str(getattr(self, name))
+                for name in sorted(SECRET_FLAGS) if getattr(self, name) is not None}  # fmt: skip
 
 
 class ResourceConfig(_Strict):
@@ -204,6 +223,12 @@ class DeploymentOptions(_Strict):
         None, ge=1, description="Requests each caller (ingress replica) may queue for this "
         "deployment's replicas before more are refused with 429 overloaded; default: unbounded.",
     )  # fmt: skip
+    max_surge_percent: int | None = Field(
+        None, ge=0, le=100, description="On a `serve deploy` that changes this model, extra "
+        "replicas (percent of the target count) Serve starts before it stops old ones; 100: "
+        "blue/green, every new replica serves before an old one drains. Default (Serve's, 0): "
+        "an old replica stops first.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check_replicas(self) -> "DeploymentOptions":
@@ -225,9 +250,26 @@ class ModelConfig(_Strict):
         description="embedded: `python -m engine`; tgi: the real `text-generation-launcher`.",
     )
     num_shard: int = Field(1, ge=1, description="Tensor-parallel shards (one GPU each).")
+    prefetch_weights: bool = Field(
+        True,
+        description="Hub ids: each replica downloads the weights into its node's Hub cache "
+        "before the launcher starts (one download per node), then starts it offline "
+        "(deployments/weights_prefetch.py).",
+    )
     launcher_args: LauncherArgs = Field(default_factory=LauncherArgs)
     resources: ResourceConfig = Field(default_factory=ResourceConfig)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="after")
+    def _check_engine_support(self) -> "ModelConfig":
+        # Refused at deploy time rather than by a launcher exiting in every replica.
+        quantize, dtype = self.launcher_args.quantize, self.launcher_args.dtype
+        if self.engine == "embedded" and quantize not in (None, *SUPPORTED_QUANTIZATIONS):
+            raise ValueError(f"quantize {quantize!r} needs engine: tgi; the embedded engine "
+                             f"supports {', '.join(SUPPORTED_QUANTIZATIONS)}")  # fmt: skip
+        if self.engine == "tgi" and dtype == "float32":
+            raise ValueError("text-generation-launcher takes dtype float16 or bfloat16")
+        return self
 
     def launcher_argv(self) -> list[str]:
         """Launcher flags for this model, without the per-replica host/port flags."""
@@ -235,7 +277,7 @@ class ModelConfig(_Strict):
         if self.revision is not None:
             argv += ["--revision", self.revision]
         argv += ["--num-shard", str(self.num_shard)]
-        return argv + self.launcher_args.to_argv()
+        return argv + self.launcher_args.to_argv(self.engine)
 
 
 class KeyLimits(_Strict):
@@ -301,9 +343,15 @@ class IngressOptions(_Strict):
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Concurrent HTTP requests one ingress replica handles."
     )
-    graceful_shutdown_timeout_s: float = Field(
-        20, ge=0, description="Seconds a stopping ingress replica (a redeploy) may finish its "
-        "requests, streams included, before it is killed.",
+    # A `serve deploy` that changes any model's args redeploys the ingress too (the app's
+    # config is its code version), and every open stream passes through an ingress replica.
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, ge=0, description="Seconds a replaced ingress replica may finish its open "
+        "streams before it is killed (Serve's default: 20).",
+    )  # fmt: skip
+    max_surge_percent: int | None = Field(
+        None, ge=0, le=100, description="As the model's: 100 starts the new ingress before "
+        "the old one drains.",
     )  # fmt: skip
     auth: AuthOptions | None = Field(
         None, description="API keys and per-key limits; unset: no key needed."
@@ -322,11 +370,33 @@ class IngressOptions(_Strict):
     )  # fmt: skip
 
 
+class TracingOptions(_Strict):
+    """OpenTelemetry tracing: a span per request in the ingress and in the TGIServer, sent
+    to an OTLP/HTTP collector (deployments/tracing.py)."""
+
+    otlp_endpoint: str = Field(
+        pattern=r"^https?://",
+        description="OTLP/HTTP collector base URL, e.g. http://127.0.0.1:4318; spans are "
+        "POSTed to {otlp_endpoint}/v1/traces.",
+    )
+    service_name: str = Field("ray-tgi", min_length=1, description="OTel service.name.")
+    sampling_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of new traces sampled (a caller's choice wins)."
+    )
+    launcher_otlp_endpoint: str | None = Field(
+        None,
+        description="Passed to every launcher as --otlp-endpoint unless its model's "
+        "launcher_args set one. TGI exports OTLP over gRPC: the collector's gRPC port, e.g. "
+        "http://127.0.0.1:4317.",
+    )
+
+
 class AppArgs(_Strict):
     """The whole application: the models it serves and its ingress."""
 
     models: list[ModelConfig] = Field(min_length=1, description="Served models.")
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+    tracing: TracingOptions | None = Field(None, description="OpenTelemetry tracing; off if unset.")
     check_placement: bool = Field(
         True,
         description="Fail the deploy when no alive node can hold one replica of a model "

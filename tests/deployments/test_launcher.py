@@ -286,3 +286,12 @@ def test_tgi_server_closing_a_stream_disconnects_the_engine(stand_in):
             server.__del__()
 
     _run(scenario())
+
+
+def test_a_missing_tgi_launcher_is_a_clear_error(tmp_path):
+    launcher = Launcher(launcher_command("tgi", ["--model-id", "x"]), env={"PATH": str(tmp_path)})
+    with pytest.raises(
+        LauncherError, match=rf"text-generation-launcher is not on PATH \({tmp_path}\)"
+    ):
+        launcher.start()
+    launcher.stop()  # nothing started: a no-op

@@ -147,3 +147,17 @@ def test_build_app_composes_without_a_cluster():
 def test_build_app_rejects_bad_args():
     with pytest.raises(ValueError, match="launcher_args.port"):
         build_app({"models": [{"name": "a", "model_id": "x", "launcher_args": {"port": 1}}]})
+
+
+def test_max_surge_reaches_serve_for_blue_green_updates():
+    assert "max_surge_percent" not in TGIServer.get_deployment_options(_cfg())
+    options = TGIServer.get_deployment_options(_cfg(deployment={"max_surge_percent": 100}))
+    assert options["max_surge_percent"] == 100
+    with pytest.raises(ValueError, match="less than or equal to 100"):
+        _cfg(deployment={"max_surge_percent": 101})
+
+
+def test_ingress_rollout_options_reach_serve_when_set():
+    options = IngressOptions(graceful_shutdown_timeout_s=600, max_surge_percent=100)
+    chosen = Ingress.get_deployment_options(options)
+    assert (chosen["graceful_shutdown_timeout_s"], chosen["max_surge_percent"]) == (600, 100)

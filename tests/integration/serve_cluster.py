@@ -59,7 +59,9 @@ def serve_cluster() -> Iterator[str]:
 
 def deploy_two_models() -> None:
     """Deploy the two-model example app and wait (bounded by Serve) until both answer."""
-    serve.run(build_app(two_model_args()), name=APP_NAME, route_prefix="/")
+    (application,) = yaml.safe_load(TWO_MODELS_CONFIG.read_text())["applications"]
+    serve.run(build_app(application["args"]), name=APP_NAME, route_prefix="/",
+              logging_config=application.get("logging_config"))  # fmt: skip
 
 
 def wait_until(

@@ -208,9 +208,15 @@ def test_the_ingress_passes_tgis_contract_through(serve_run):
     assert templated.endswith(CHAT_PROMPT)  # after the template's default system prompt
     assert httpx.get(f"{BASE_URL}/docs").status_code == 200
     assert "/generate_stream" in httpx.get(f"{BASE_URL}/api-doc/openapi.json").json()["paths"]
-    metrics = httpx.get(f"{BASE_URL}/metrics").text
+    # The app's /metrics: the engine's TGI metrics (TGI's names) labelled with model and
+    # replica, and the ingress's own; tests/integration/test_observability.py counts them.
+    metrics = httpx.get(f"{BASE_URL}/metrics").text.splitlines()
     assert "# TYPE tgi_request_count counter" in metrics
-    assert "tgi_batch_inference_count" in metrics
+    assert any(line.startswith('tgi_batch_inference_count{model="smollm2",replica="')
+               for line in metrics)  # fmt: skip
+    series = 'ray_tgi_ingress_requests_total{model="smollm2",route="/generate",status="%s"} '
+    assert any(line.startswith(series % "200") for line in metrics)
+    assert any(line.startswith(series % "422") for line in metrics)
 
 
 def test_huggingface_hub_client_through_the_ingress(serve_run):

@@ -6,7 +6,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.config import AppArgs, LauncherArgs, ModelConfig
+from serve_app.app import with_launcher_tracing
+from serve_app.config import AppArgs, LauncherArgs, ModelConfig, TracingOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,3 +133,31 @@ def test_app_needs_a_model_and_unique_names():
     args = AppArgs.model_validate({"models": [_model(), _model(name="second")]})
     assert [m.name for m in args.models] == ["smollm2", "second"]
     assert args.ingress.num_cpus == 0.1
+
+
+def test_tracing_is_off_unless_an_otlp_endpoint_is_given():
+    assert AppArgs.model_validate({"models": [_model()]}).tracing is None
+    tracing = AppArgs.model_validate(
+        {"models": [_model()], "tracing": {"otlp_endpoint": "http://collector:4318"}}
+    ).tracing
+    assert (tracing.service_name, tracing.sampling_ratio) == ("ray-tgi", 1.0)
+    assert tracing.launcher_otlp_endpoint is None
+    for bad in ({}, {"otlp_endpoint": "collector:4318"}, {"otlp_endpoint": "http://c",
+                "sampling_ratio": 2}, {"otlp_endpoint": "http://c", "endpoint": "x"}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            AppArgs.model_validate({"models": [_model()], "tracing": bad})
+
+
+def test_the_launchers_get_the_apps_otlp_endpoint_unless_their_own_is_set():
+    tracing = TracingOptions(otlp_endpoint="http://c:4318", launcher_otlp_endpoint="http://c:4317")
+    plain = ModelConfig.model_validate(_model())
+    own = ModelConfig.model_validate(_model(launcher_args={"otlp_endpoint": "http://mine:4317"}))
+    argv = with_launcher_tracing(plain, tracing).launcher_argv()
+    assert argv[argv.index("--otlp-endpoint") + 1] == "http://c:4317"
+    argv = with_launcher_tracing(own, tracing).launcher_argv()
+    assert argv[argv.index("--otlp-endpoint") + 1] == "http://mine:4317"
+    assert with_launcher_tracing(plain, None) is plain
+    assert "--otlp-endpoint" not in with_launcher_tracing(
+        plain, TracingOptions(otlp_endpoint="http://c:4318")
+    ).launcher_argv()  # fmt: skip
+    assert plain.launcher_args.otlp_endpoint is None  # the original is left as it was
