@@ -78,7 +78,8 @@ def grammar_costs(tokenizer, vocab_size: int, num_rows: int) -> dict:
 
     import torch
 
-    from engine.grammar import GrammarCompiler, GrammarSpec, allowed_tokens
+    from engine.grammar import GrammarCompiler, GrammarSpec
+    from engine.grammar_mask import allowed_tokens
 
     compiler = GrammarCompiler(tokenizer, vocab_size, frozenset({tokenizer.eos_token_id}))
     specs = [GrammarSpec.json_schema(schema) for _, schema in JSON_CASES]

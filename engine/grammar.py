@@ -4,8 +4,9 @@ A `GrammarCompiler` turns a `GrammarSpec` into a `CompiledGrammar` once per spec
 has one tokenizer, so the spec alone is the cache key) and keeps the most recent ones in a
 bounded LRU. Compiling happens at request admission, on the HTTP thread; the engine loop only
 copies a compiled grammar into a fresh `GrammarState` per request, which the request's
-`Sequence` advances token by token. `allowed_tokens` turns the states of a batch's constrained
-rows into one boolean mask, which the batched sampler applies (engine/logits_processors.py).
+`Sequence` advances token by token. engine/grammar_mask.py turns the states of a batch's
+constrained rows into one boolean mask, which the batched sampler applies. This module
+imports no torch: the Serve side validates requests with it (engine/validation.py).
 """
 
 import json
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import llguidance
-import torch
 from tokenizers import Tokenizer, decoders
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,6 @@ GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept; a compiled JSON schema is ~1
 # elsewhere. Small models given free whitespace tend to emit newlines until max_new_tokens,
 # which leaves unparseable output. A schema's own "x-guidance" options override these.
 JSON_FORMAT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
-
-BITS_PER_WORD = 32  # llguidance's mask: one bit per token, packed in int32 words
 
 
 class GrammarError(ValueError):
@@ -154,31 +152,3 @@ def _is_byte_level(tokenizer_json: dict) -> bool:
     pre = tokenizer_json.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     return any(part.get("type") == "ByteLevel" for part in parts)
-
-
-_executor: llguidance.LLExecutor | None = None
-
-
-def _mask_executor() -> llguidance.LLExecutor:
-    """llguidance's thread pool for computing a batch's masks in parallel (made on first use)."""
-    global _executor
-    if _executor is None:
-        _executor = llguidance.LLExecutor()
-    return _executor
-
-
-def allowed_tokens(
-    states: list[GrammarState], vocab_size: int, device: torch.device
-) -> torch.Tensor:  # [g, vocab_size] bool
-    """Which tokens each state allows next, computed for all rows at once on the CPU and
-    unpacked on `device`."""
-    num_words = -(-vocab_size // BITS_PER_WORD)
-    bitmask = torch.empty((len(states), num_words), dtype=torch.int32)  # [g, words]
-    _mask_executor().unsafe_compute_mask_ptr(
-        [(state.matcher, row) for row, state in enumerate(states)],
-        bitmask.data_ptr(), num_words * bitmask.element_size(), len(states),
-    )  # fmt: skip
-    bitmask = bitmask.to(device, non_blocking=True)
-    shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=device)
-    bits = (bitmask[:, :, None] >> shifts) & 1  # [g, words, 32], token = word * 32 + bit
-    return bits.view(len(states), -1)[:, :vocab_size].bool()

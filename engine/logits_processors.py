@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.grammar import allowed_tokens
+from engine.grammar_mask import allowed_tokens
 from engine.protocol import SamplingParams
 from engine.sequence import Sequence
 

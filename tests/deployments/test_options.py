@@ -133,7 +133,6 @@ def test_ingress_options():
         "num_replicas": 1,
         "max_ongoing_requests": 1024,
         "ray_actor_options": {"num_cpus": 0.1},
-        "graceful_shutdown_timeout_s": 20,
     }
 
 

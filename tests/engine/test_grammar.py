@@ -9,7 +9,8 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.errors import ValidationError
-from engine.grammar import GrammarCompiler, GrammarError, GrammarSpec, allowed_tokens
+from engine.grammar import GrammarCompiler, GrammarError, GrammarSpec
+from engine.grammar_mask import allowed_tokens
 from engine.logits_processors import process_logits
 from engine.protocol import SamplingParams
 from engine.schemas import ChatRequest, GenerateParameters
