@@ -24,7 +24,7 @@ import ray
 from deploy_queries import all_queries, metric_names
 from otlp_collector import OTLPCollector, otlp_collector
 from ray import serve
-from serve_cluster import MID_PROMPT, REPO_ROOT, wait_until
+from serve_cluster import REPO_ROOT, wait_until
 
 from deployments.launcher import free_port
 from deployments.request_observer import NO_MODEL
@@ -194,9 +194,11 @@ def traffic(app: App) -> Traffic:
                 "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
         _, (_, *chunks) = _stream(app, client, "/v1/chat/completions", chat)
         seen.chat_usage = chunks[-1]["usage"]
-        long_body = {"inputs": MID_PROMPT, "parameters": {"max_new_tokens": 2}}
+        # TGI allows 4 stop sequences; the engine refuses the fifth (the ingress checks only
+        # token counts), so the refusal shows in both the ingress's and the engine's metrics.
+        five_stops = {"inputs": "Hi", "parameters": {"max_new_tokens": 2, "stop": list("abcde")}}
         refused = _remember(app, client.post(f"{app.url}/models/{TINY}/generate",
-                                             json=long_body, headers=AUTH))  # fmt: skip
+                                             json=five_stops, headers=AUTH))  # fmt: skip
         assert refused.status_code == 422
         unknown = _remember(app, client.post(f"{app.url}/models/nope/generate", json=body,
                                              headers=AUTH))  # fmt: skip
