@@ -16,13 +16,14 @@ import triton.language as tl
 @triton.jit
 def _paged_decode_kernel(
     out_ptr,  # [b, num_heads, head_dim]
-    q_ptr,  # [b, num_heads, head_dim]
+    q_ptr,  # [b, num_heads, head_dim], rows q_row_stride apart (a view into the qkv output)
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,  # same as k_cache
     block_tables_ptr,  # [b, max_blocks] int32
     context_lens_ptr,  # [b] int32
     scale,
     max_blocks,
+    q_row_stride,
     num_heads: tl.constexpr,
     num_kv_heads: tl.constexpr,
     head_dim: tl.constexpr,
@@ -36,7 +37,7 @@ def _paged_decode_kernel(
     heads = kv_head * group + tl.arange(0, group_pad)  # [G]
     head_ok = tl.arange(0, group_pad) < group
     dims = tl.arange(0, head_dim)  # [D]
-    q = tl.load(q_ptr + (seq * num_heads + heads)[:, None] * head_dim + dims[None, :],
+    q = tl.load(q_ptr + seq.to(tl.int64) * q_row_stride + heads[:, None] * head_dim + dims[None, :],
                 mask=head_ok[:, None], other=0.0)  # fmt: skip  # [G, D]
     context_len = tl.load(context_lens_ptr + seq)
     m = tl.full([group_pad], float("-inf"), tl.float32)  # running max per head
@@ -76,11 +77,13 @@ def paged_decode_attention(
     """Each sequence's newest token attending to its whole cached context."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    out = torch.empty_like(q)
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     group = num_heads // num_kv_heads
     _paged_decode_kernel[(batch, num_kv_heads)](
-        out, q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
-        block_tables.shape[1],
+        out, q, k_cache, v_cache, block_tables, context_lens, scale,
+        block_tables.shape[1], q.stride(0),
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         block_size=block_size, group_pad=max(16, triton.next_power_of_2(group)),
         tokens_per_tile=64,

@@ -18,7 +18,8 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.attention import AttentionMetadata, decode_attention, prefill_attention, store_kv
+from engine.attention import AttentionMetadata, decode_attention, prefill_attention
+from engine.fused_ops import add_rms_norm, rope_and_store_kv, silu_and_mul
 from engine.tensor_parallel import TensorParallel, row_parallel_linear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_blocks, block_size, kv_heads, head_dim]
@@ -30,11 +31,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        # Normalise in fp32 and cast back before the weight, exactly as transformers does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]
+        residual: torch.Tensor | None = None,  # [num_tokens, hidden]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # RMSNorm(x + residual), x + residual
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -68,9 +70,6 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(emb.cos() * attention_scaling)
         self.sin.copy_(emb.sin() * attention_scaling)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions][:, None], self.sin[positions][:, None]  # [num_tokens, 1, d]
-
 
 def rope_parameters(config: LlamaConfig) -> dict:
     """rope_type, rope_theta and scaling keys, from a transformers 4 config (rope_theta +
@@ -81,12 +80,6 @@ def rope_parameters(config: LlamaConfig) -> dict:
         params.setdefault("rope_theta", config.rope_theta)
     params.setdefault("rope_type", params.get("type", "default"))
     return params
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [num_tokens, heads, head_dim] by the per-token angles (HF's rotate_half form)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class LlamaAttention(nn.Module):
@@ -106,19 +99,16 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, hidden]
-        cos: torch.Tensor,  # [num_tokens, 1, head_dim]
-        sin: torch.Tensor,  # [num_tokens, 1, head_dim]
+        positions: torch.Tensor,  # [num_tokens]
+        rotary: RotaryEmbedding,
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         n = x.shape[0]
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
-        # Rotate q and k together: [num_tokens, heads + kv_heads, head_dim]
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = rope_and_store_kv(qkv, positions, rotary.cos, rotary.sin, kv_cache,
+                                    meta.slot_mapping, self.num_heads)  # fmt: skip
         k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_prefill:
             o = prefill_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         else:
@@ -135,8 +125,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = row_parallel_linear(self.intermediate_size, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each [num_tokens, intermediate]
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -147,9 +136,20 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, tp)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))  # [num_tokens, hidden]
+    def forward(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden], the previous layer's MLP output
+        residual: torch.Tensor | None,  # the residual stream before x is added; None: x is it
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # this layer's MLP output, residual stream
+        # Each residual add is fused into the norm after it (engine/fused_ops.py).
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -192,16 +192,15 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],  # one per layer
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden], before the final norm
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return x
+            x, residual = layer(x, residual, positions, self.rotary_emb, kv_cache, meta)
+        return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[b, hidden] pre-norm hidden states of the sampled positions -> [b, vocab] logits."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(hidden), weight)
+        return F.linear(self.norm(hidden)[0], weight)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

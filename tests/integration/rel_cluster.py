@@ -2,7 +2,6 @@
 Ray cluster, apps deployed with build_app as serve_config.yaml would, and the engine read
 directly on the launcher URL its replica reports (TGIServer.placement)."""
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,11 +10,9 @@ from typing import Any
 
 import httpx
 import psutil
-import ray
 from ray import serve
 
 from benchmarks.routing import deployed
-from deployments.launcher import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2"
@@ -23,32 +20,6 @@ SERVER = f"TGIServer:{MODEL}"
 DEPLOY_TIMEOUT_S = 240
 QUESTION = "What is the capital of France?"
 CHAT_PROMPT = f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
-
-
-@contextmanager
-def local_cluster(num_cpus: int = 2, environ: dict[str, str] | None = None) -> Iterator[str]:
-    """A fresh local Ray cluster with Serve's proxy on a free port; yields its base URL.
-
-    `environ` is set in this process before Ray starts, so Ray's processes (and the
-    replicas) inherit it, as they inherit the environment of whoever starts a cluster.
-    """
-    saved = {k: os.environ.get(k) for k in environ or {}}
-    os.environ.update(environ or {})
-    env = {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": env})  # fmt: skip
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def model_args(

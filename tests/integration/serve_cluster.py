@@ -5,6 +5,7 @@ model shows in what it is allowed: `smollm2` (the first, the default) takes prom
 512 tokens, `smollm2-tiny` only 64 (and /info reports each one's max_total_tokens).
 """
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,15 +40,20 @@ def two_model_args() -> dict[str, Any]:
 
 
 @contextmanager
-def serve_cluster() -> Iterator[str]:
+def serve_cluster(num_cpus: int = 2, environ: dict[str, str] | None = None) -> Iterator[str]:
     """A fresh local Ray cluster and Serve's HTTP proxy on a free port; yields its URL.
 
     `address="local"`: never join a cluster another test or engineer left running. No
-    dashboard: nothing here reads it, and it costs a process and a fixed port.
+    dashboard: nothing here reads it, and it costs a process and a fixed port. `environ` is
+    set in this process before Ray starts, so Ray's processes (and the replicas) inherit it,
+    as they inherit the environment of whoever starts a cluster.
     """
+    saved = {k: os.environ.get(k) for k in environ or {}}
+    os.environ.update(environ or {})
     # The engines share two cores with everything else: one thread each.
     env = {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": env})  # fmt: skip
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -55,6 +61,11 @@ def serve_cluster() -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def deploy_two_models() -> None:

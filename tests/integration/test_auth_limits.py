@@ -18,12 +18,12 @@ from rel_cluster import (
     app_at,
     engine_drained,
     engine_metrics,
-    local_cluster,
     model_args,
     placements,
     sse_data,
     wait_until,
 )
+from serve_cluster import serve_cluster
 from text_generation import Client
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def _auth(key: str) -> dict[str, str]:
 def app(default_model_dir: Path) -> Iterator[tuple[str, str]]:
     """(app URL, engine URL)."""
     args = model_args(default_model_dir, LAUNCHER_ARGS, DEPLOYMENT, INGRESS)
-    with local_cluster(environ={KEY_ENV: ALICE_KEY}) as base, app_at(base, APP, args) as url:
+    with serve_cluster(environ={KEY_ENV: ALICE_KEY}) as base, app_at(base, APP, args) as url:
         (placement,) = placements(APP)
         yield url, placement["launcher_url"]
 

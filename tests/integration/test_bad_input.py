@@ -20,11 +20,11 @@ from rel_cluster import (
     CHAT_PROMPT,
     app_at,
     engine_drained,
-    local_cluster,
     model_args,
     placements,
     wait_until,
 )
+from serve_cluster import serve_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ BATTERY: list[tuple[str, str, object, int]] = [
 
 @pytest.fixture(scope="module")
 def app(default_model_dir: Path) -> Iterator[tuple[str, str]]:
-    with local_cluster() as base, app_at(base, APP, model_args(default_model_dir,
+    with serve_cluster() as base, app_at(base, APP, model_args(default_model_dir,
                                                                LAUNCHER_ARGS)) as url:  # fmt: skip
         (placement,) = placements(APP)
         yield url, placement["launcher_url"]

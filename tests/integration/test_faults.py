@@ -25,12 +25,12 @@ from rel_cluster import (
     app_at,
     engine_drained,
     engine_metrics,
-    local_cluster,
     model_args,
     placements,
     sse_data,
     wait_until,
 )
+from serve_cluster import serve_cluster
 
 from serve_app.app import build_app
 
@@ -47,7 +47,7 @@ RECOVERY_BOUND_S = 180  # a new replica: a new engine process loads the model
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    with local_cluster() as base:
+    with serve_cluster() as base:
         yield base
 
 

@@ -17,12 +17,12 @@ from rel_cluster import (
     app_at,
     engine_drained,
     engine_metrics,
-    local_cluster,
     model_args,
     placements,
     rss_mib,
     wait_until,
 )
+from serve_cluster import serve_cluster
 
 from benchmarks.workload import WORDS
 
@@ -38,7 +38,7 @@ LAUNCHER_ARGS = {"max_input_tokens": 128, "max_total_tokens": 256,
 
 @pytest.fixture(scope="module")
 def app(default_model_dir: Path) -> Iterator[tuple[str, dict]]:
-    with local_cluster() as base, app_at(base, APP, model_args(default_model_dir,
+    with serve_cluster() as base, app_at(base, APP, model_args(default_model_dir,
                                                                LAUNCHER_ARGS)) as url:  # fmt: skip
         (placement,) = placements(APP)
         yield url, placement
