@@ -4,7 +4,14 @@
 "use strict";
 
 const STATS_PERIOD_MS = 2000;
+const API_KEY_ITEM = "ray-tgi-api-key"; // localStorage: the key survives a reload
 const $ = (id) => document.getElementById(id);
+
+// An app with API keys (ingress.auth) needs one on every call but the page itself.
+function authorized(headers = {}) {
+  const key = $("api-key").value.trim();
+  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+}
 
 // The conversation so far, as OpenAI messages; a stopped answer is kept as it was cut.
 let messages = [];
@@ -90,7 +97,7 @@ async function send(prompt) {
   try {
     const response = await fetch("v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: authorized({ "Content-Type": "application/json" }),
       body: JSON.stringify(request),
       signal: controller.signal,
     });
@@ -131,7 +138,14 @@ async function send(prompt) {
 }
 
 async function loadModels() {
-  const response = await fetch("v1/models");
+  $("model").replaceChildren();
+  $("key-error").textContent = "";
+  const response = await fetch("v1/models", { headers: authorized() });
+  if (response.status === 401) {
+    $("key-error").textContent = "This app needs an API key: enter it above.";
+    return;
+  }
+  if (!response.ok) throw new Error(await errorText(response));
   const body = await response.json();
   for (const model of body.data) {
     const option = document.createElement("option");
@@ -148,7 +162,7 @@ function statsCell(row, text, className) {
 
 async function refreshStats() {
   try {
-    const response = await fetch("stats");
+    const response = await fetch("stats", { headers: authorized() });
     if (!response.ok) throw new Error(await errorText(response));
     const body = await response.json();
     const rows = $("stats").tBodies[0];
@@ -190,7 +204,14 @@ function init() {
     messages = [];
     $("messages").replaceChildren();
   });
-  loadModels().catch((error) => addMessage("error", `Could not list models: ${error.message}`));
+  const showModelError = (error) => addMessage("error", `Could not list models: ${error.message}`);
+  $("api-key").value = localStorage.getItem(API_KEY_ITEM) ?? "";
+  $("api-key").addEventListener("change", () => {
+    localStorage.setItem(API_KEY_ITEM, $("api-key").value.trim());
+    loadModels().catch(showModelError);
+    refreshStats();
+  });
+  loadModels().catch(showModelError);
   refreshStats();
   setInterval(refreshStats, STATS_PERIOD_MS);
 }

@@ -1,9 +1,13 @@
 """Fixtures of the integration tests: a real cluster serving the real engine."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 from serve_cluster import deploy_two_models, serve_cluster
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make setup` installs it
 
 
 @pytest.fixture(scope="module")
@@ -13,3 +17,16 @@ def two_model_app(default_model_dir) -> Iterator[str]:
     with serve_cluster() as url:
         deploy_two_models()
         yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's chromium, headless, driven by Playwright (never a downloaded browser)."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=["--no-sandbox", "--headless"]
+        )
+        yield browser
+        browser.close()

@@ -13,8 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
+from playwright.sync_api import Browser, expect
 from rel_cluster import (
     CHAT_PROMPT,
+    QUESTION,
     app_at,
     engine_drained,
     engine_metrics,
@@ -272,3 +274,27 @@ def test_no_key_is_in_any_log(app):
                 leaks += [(str(path), k) for k in (ALICE_KEY, BOB_KEY, CAROL_KEY)
                           if k.encode() in data]  # fmt: skip
     assert leaks == []
+
+
+def test_the_chat_page_asks_for_a_key_and_sends_it(app, browser: Browser):
+    url, _ = app
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        page.goto(f"{url}/")  # the page itself is open
+        expect(page.locator("#key-error")).to_contain_text("needs an API key")
+        expect(page.locator("#model option")).to_have_count(0)
+        page.fill("#api-key", CAROL_KEY)
+        page.click("#prompt")  # leaving the field commits the key, as a user would
+        expect(page.locator("#model option")).to_have_count(1)
+        expect(page.locator("#key-error")).to_be_empty()
+        page.fill("#max-tokens", "16")
+        page.fill("#temperature", "0")
+        page.fill("#prompt", QUESTION)
+        page.click("#send")
+        expect(page.locator("#status")).to_have_text("done", timeout=60_000)
+        expect(page.locator(".message.assistant").last).to_contain_text("Paris")
+        expect(page.locator("#stats tbody tr")).to_have_count(1)  # /stats with the key too
+        page.reload()  # the key is kept in the browser
+        expect(page.locator("#model option")).to_have_count(1)
+    finally:
+        page.close()

@@ -10,27 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 from serve_cluster import FIRST, QUESTION, TINY, engines_idle, model_stats, wait_until
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make setup` installs it
 ARTIFACTS = Path(__file__).parent / "artifacts"
 LONG_QUESTION = "Write a very long story about a dragon who learns to sail across the sea."
 ANSWER_TIMEOUT_MS = 60_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--no-sandbox", "--headless"]
-        )
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
