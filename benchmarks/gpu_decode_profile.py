@@ -2,7 +2,7 @@
 own time for the same step, and the kernels that take it.
 
 Same Llama-3-8B-shaped random model as benchmarks/gpu_speed.py. Measured, one run:
-- step wall time (engine.step(), host included), median of --steps;
+- step wall time (engine.step(), host included): benchmarks/gpu_speed.py's batch-1 median;
 - the CUDA-graph replay alone (the forward and LM head), by CUDA events;
 - a torch profile of --steps engine steps: GPU kernel time per step, host time the GPU sat
   idle, and the kernels by total time.
@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.gpu_engine import LLAMA3_8B, random_model_dir
-from benchmarks.gpu_speed import new_engine, random_prompts
+from benchmarks.gpu_speed import engine_batch1_ms, new_engine, random_prompts
 from engine.llm_engine import LLMEngine
 from engine.protocol import SamplingParams
 
@@ -31,20 +31,6 @@ def start_one(engine: LLMEngine, max_new_tokens: int) -> None:
         f"b1-{time.monotonic_ns()}", prompt, SamplingParams(max_new_tokens=max_new_tokens)
     )
     engine.step()
-
-
-def step_wall_ms(engine: LLMEngine, steps: int) -> float:
-    start_one(engine, steps + 1)
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    while engine.has_unfinished_requests():
-        engine.step()
-    return 1000 * sorted(times)[len(times) // 2]
 
 
 def replay_ms(engine: LLMEngine, reps: int) -> float:
@@ -100,7 +86,7 @@ def main() -> None:
                                                torch.bfloat16)  # fmt: skip
     engine = new_engine(model_dir, None)
     report = {"device": torch.cuda.get_device_name(), "weight_bytes": weight_bytes,
-              "step_wall_ms": round(step_wall_ms(engine, args.steps), 3),
+              "step_wall_ms": round(engine_batch1_ms(engine), 3),
               "graph_replay_ms": round(replay_ms(engine, args.steps), 3)}  # fmt: skip
     report.update(kernel_profile(engine, args.steps))
     args.out.parent.mkdir(parents=True, exist_ok=True)

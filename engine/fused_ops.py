@@ -4,6 +4,9 @@
 The torch versions are the reference: transformers' own arithmetic, dtype by dtype.
 """
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +54,21 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@dataclass
+class RopeAngles:
+    """One step's rotary angles, shared by every layer: the cos/sin tables and each token's
+    position. The Triton kernel reads the tables; the torch path gathers each token's rows,
+    once per step, on first use."""
+
+    positions: torch.Tensor  # [n]
+    cos: torch.Tensor  # [max_positions, head_dim]
+    sin: torch.Tensor  # [max_positions, head_dim]
+
+    @cached_property
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:  # cos, sin: [n, 1, head_dim]
+        return self.cos[self.positions][:, None], self.sin[self.positions][:, None]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x: [num_tokens, heads, head_dim] by the per-token angles (HF's rotate_half form)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -59,9 +77,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def rope_and_store_kv(
     qkv: torch.Tensor,  # [n, (num_heads + 2 * num_kv_heads) * head_dim]
-    positions: torch.Tensor,  # [n]
-    cos: torch.Tensor,  # [max_positions, head_dim], the rotary tables
-    sin: torch.Tensor,
+    rope: RopeAngles,
     kv_cache: tuple[torch.Tensor, torch.Tensor],  # [num_blocks, block_size, kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [n]
     num_heads: int,
@@ -69,8 +85,10 @@ def rope_and_store_kv(
     """Rotate q and k by their tokens' positions and write the new K/V into the cache."""
     head_dim = kv_cache[0].shape[3]
     if not (_fused(qkv) and head_dim & (head_dim - 1) == 0):  # the kernel halves heads
-        return rope_and_store_kv_torch(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads)
-    triton_fused.rope_and_store_kv(qkv, positions, cos, sin, *kv_cache, slot_mapping, num_heads)
+        return rope_and_store_kv_torch(qkv, rope, kv_cache, slot_mapping, num_heads)
+    triton_fused.rope_and_store_kv(
+        qkv, rope.positions, rope.cos, rope.sin, *kv_cache, slot_mapping, num_heads
+    )
     heads = _heads(qkv, num_heads, kv_cache)
     num_kv_heads = kv_cache[0].shape[2]
     return heads.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
@@ -78,9 +96,7 @@ def rope_and_store_kv(
 
 def rope_and_store_kv_torch(
     qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    rope: RopeAngles,
     kv_cache: tuple[torch.Tensor, torch.Tensor],
     slot_mapping: torch.Tensor,
     num_heads: int,
@@ -89,8 +105,7 @@ def rope_and_store_kv_torch(
     num_kv_heads = k_cache.shape[2]
     heads = _heads(qkv, num_heads, kv_cache)
     v = heads[:, num_heads + num_kv_heads :]
-    qk = apply_rope(heads[:, : num_heads + num_kv_heads], cos[positions][:, None],
-                    sin[positions][:, None])  # fmt: skip
+    qk = apply_rope(heads[:, : num_heads + num_kv_heads], *rope.per_token)
     q, k = qk.split([num_heads, num_kv_heads], dim=1)
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     return q, k, v

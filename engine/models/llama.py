@@ -19,7 +19,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention import AttentionMetadata, decode_attention, prefill_attention
-from engine.fused_ops import add_rms_norm, rope_and_store_kv, silu_and_mul
+from engine.fused_ops import RopeAngles, add_rms_norm, rope_and_store_kv, silu_and_mul
 from engine.tensor_parallel import TensorParallel, row_parallel_linear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_blocks, block_size, kv_heads, head_dim]
@@ -99,15 +99,13 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, hidden]
-        positions: torch.Tensor,  # [num_tokens]
-        rotary: RotaryEmbedding,
+        rope: RopeAngles,
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         n = x.shape[0]
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
-        q, k, v = rope_and_store_kv(qkv, positions, rotary.cos, rotary.sin, kv_cache,
-                                    meta.slot_mapping, self.num_heads)  # fmt: skip
+        q, k, v = rope_and_store_kv(qkv, rope, kv_cache, meta.slot_mapping, self.num_heads)
         k_cache, v_cache = kv_cache
         if meta.is_prefill:
             o = prefill_attention(q, k, v, k_cache, v_cache, meta, self.scale)
@@ -140,14 +138,13 @@ class LlamaDecoderLayer(nn.Module):
         self,
         x: torch.Tensor,  # [num_tokens, hidden], the previous layer's MLP output
         residual: torch.Tensor | None,  # the residual stream before x is added; None: x is it
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: RopeAngles,
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # this layer's MLP output, residual stream
         # Each residual add is fused into the norm after it (engine/fused_ops.py).
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, kv_cache, meta)
+        h = self.self_attn(h, rope, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -193,8 +190,9 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden], before the final norm
         x, residual = self.embed_tokens(input_ids), None
+        rope = RopeAngles(positions, self.rotary_emb.cos, self.rotary_emb.sin)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, positions, self.rotary_emb, kv_cache, meta)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
         return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

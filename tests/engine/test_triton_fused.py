@@ -64,7 +64,8 @@ def test_rope_and_store_kv(dtype, heads):
         cache = (torch.zeros(shape, dtype=dtype, device="cuda"),
                  torch.zeros(shape, dtype=dtype, device="cuda"))  # fmt: skip
         qkv_copy = qkv.clone()  # the kernel rotates in place
-        q, k, v = rope_and_store_kv(qkv_copy, positions, cos, sin, cache, slots, num_heads)
+        rope = fused_ops.RopeAngles(positions, cos, sin)
+        q, k, v = rope_and_store_kv(qkv_copy, rope, cache, slots, num_heads)
         return [q, k, v, *cache]
 
     got, expected = run(fused_ops.rope_and_store_kv), run(fused_ops.rope_and_store_kv_torch)
