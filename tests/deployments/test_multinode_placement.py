@@ -158,6 +158,12 @@ def test_removing_a_node_reschedules_its_replicas_and_the_app_keeps_answering(ap
     while _running_replicas() < NUM_REPLICAS and time.monotonic() < deadline:
         time.sleep(2)
     assert _running_replicas() == NUM_REPLICAS
-    nodes = {p["node_id"] for p in _placements().values()}
-    assert nodes == {new.node_id} | ({w.node_id for w in workers} - {gone.node_id})
+    # A fresh handle learns of the new replicas from the controller a little after they
+    # show RUNNING in serve.status(), so ask until it has seen all four.
+    expected = {new.node_id} | ({w.node_id for w in workers} - {gone.node_id})
+    deadline = time.monotonic() + 120
+    placements = _placements()
+    while len(placements) < NUM_REPLICAS and time.monotonic() < deadline:
+        placements = _placements()
+    assert {p["node_id"] for p in placements.values()} == expected, placements
     assert _ask_paris(url).status_code == 200
