@@ -1,5 +1,6 @@
-"""Where Serve's added latency goes: median latency of three kinds of request straight to the
-engine and through `serve run serve_config.yaml` (proxy -> ingress -> TGIServer -> engine).
+"""Where Serve's added latency goes: median latency of four kinds of request straight to the
+engine and through `serve run serve_config.yaml` (proxy -> ingress -> TGIServer -> engine;
+GET /v1/models is answered by the ingress, so through Serve it is proxy -> ingress only).
 
     python -m benchmarks.serve_hops
 """
@@ -13,7 +14,9 @@ import httpx
 
 from benchmarks.serve_vs_direct import SERVE_URL, start_serve_run, wait_for_engine
 
-CASES = [  # (name, path, body, stream)
+CASES = [  # (name, path, body, stream); GET when body is None
+    # Answered by the ingress itself through Serve: the proxy -> ingress hop alone.
+    ("list models", "/v1/models", None, False),
     ("tokenize", "/tokenize", {"inputs": "Hello world"}, False),
     ("generate 1 token", "/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 1}},
      False),
@@ -31,6 +34,8 @@ def median_ms(url: str, path: str, body: dict, stream: bool, n: int = 40) -> flo
             if stream:
                 with client.stream("POST", url + path, json=body) as response:
                     next(line for line in response.iter_lines() if line.startswith("data:"))
+            elif body is None:
+                client.get(url + path)
             else:
                 client.post(url + path, json=body)
             times.append((time.perf_counter() - start) * 1000)

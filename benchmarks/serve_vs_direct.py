@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,7 @@ import psutil
 
 from benchmarks.common import RESULTS_DIR, write_report
 from benchmarks.loadgen import Target, load_tokenizer, run_load
-from benchmarks.workload import LengthDist, make_requests
+from benchmarks.workload import BenchRequest, LengthDist, make_requests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_URL = "http://127.0.0.1:8000"
@@ -58,13 +59,21 @@ def wait_for_engine(serve_run: subprocess.Popen, timeout_s: float = 300) -> str:
     raise TimeoutError("the app did not get healthy")
 
 
-def alternate(targets: dict, requests, concurrency: int, num_rounds: int) -> dict:
-    """Each round sends one block of requests to each side in turn; merge per side."""
+def tagged(requests: list[BenchRequest], tag: str) -> list[BenchRequest]:
+    """The requests with `tag` and their index in front of each prompt: the engine's prefix
+    cache would otherwise hand the side that runs second the KV of the first side's prompts."""
+    return [replace(r, prompt=f"{tag}{i}: {r.prompt}") for i, r in enumerate(requests)]
+
+
+def alternate(targets: dict, requests, concurrency: int, num_rounds: int, tag: str) -> dict:
+    """Each round sends one block of requests to each side in turn; merge per side. Each
+    side's prompts carry their own tag (see `tagged`), so no prompt reaches the engine twice."""
     sides = {name: ([], 0.0) for name in targets}
+    own = {name: tagged(requests, f"{tag}{name[0]}") for name in targets}
     block = len(requests) // num_rounds
     for r in range(num_rounds):
         for name, target in targets.items():
-            chunk = requests[r * block : (r + 1) * block]
+            chunk = own[name][r * block : (r + 1) * block]
             results, wall = asyncio.run(run_load(target, chunk, concurrency, progress=False))
             offset = sides[name][1]  # one clock per side: blocks laid end to end
             for result in results:
@@ -104,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         ):
             requests = make_requests(tokenizer, num_requests, LengthDist.parse(input_len),
                                      LengthDist.parse(output_len), args.seed)  # fmt: skip
-            alternate(targets, requests[:8], concurrency, 1)  # warm-up, not reported
-            sides = alternate(targets, requests, concurrency, args.rounds)
+            alternate(targets, requests[:8], concurrency, 1, "w")  # warm-up, not reported
+            sides = alternate(targets, requests, concurrency, args.rounds, f"c{concurrency}")
             workload = {"concurrency": concurrency, "num_requests": num_requests,
                         "input_len": input_len, "output_len": output_len, "seed": args.seed,
                         "rounds": args.rounds}  # fmt: skip

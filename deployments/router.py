@@ -11,8 +11,8 @@ controller every `request_routing_stats_period_s` and broadcast to routers), cor
 the requests this router sent since (`InFlightLedger`): its score is the projected batch
 tokens over the KV capacity, or the KV blocks in use if that is higher, and its requests are
 those running and queued. Replicas rank as the engine would serve the request:
-  1. those whose KV budget has room for it (score + its tokens' share <= 1) before the
-     others: the engine admits it at once instead of queueing it or, later, preempting;
+  1. those whose KV cache has room for it (`has_kv_room`) before the others: the engine
+     admits it at once instead of queueing it or, later, preempting;
   2. among them, fewer requests first: a smaller batch takes in a newcomer sooner (TGI's
      waiting_served_ratio rule) and steps faster;
   3. then the lower score.
@@ -64,6 +64,37 @@ def load_score(
     if kv_used is not None:  # blocks also held by the prefix cache, or not yet reserved
         score = max(score, kv_used + unreported_tokens / capacity)
     return score
+
+
+def has_kv_room(
+    load: EngineLoad | None,
+    score: float,
+    request_tokens: int,
+    request_new_tokens: int,
+    unreported_tokens: int,
+    capacity: int,
+) -> bool:
+    """Whether a replica's KV cache can take a request of `request_tokens` (prompt + new)
+    without queueing it for blocks or preempting someone while it runs.
+
+    An engine that reports its KV blocks (the embedded one) allocates them as sequences
+    grow: what counts is the blocks free now against what the request needs plus what the
+    running batch grows by meanwhile (each sequence by up to the request's new tokens, in
+    all at most what the batch has reserved but not used yet), the queue ahead of it and
+    what was sent since the report. Otherwise (real TGI, which reserves prompt +
+    max_new_tokens at admission) the reservations must fit: score + the request's share.
+    """
+    if load is None or load.num_free_blocks is None or not load.num_total_blocks:
+        return score + request_tokens / capacity <= 1.0
+    capacity = load.max_batch_total_tokens or capacity
+    tokens_per_block = capacity / load.num_total_blocks
+    free_tokens = load.num_free_blocks * tokens_per_block
+    used_tokens = capacity - free_tokens
+    unused_reservation = max(load.num_batch_max_tokens - used_tokens, 0)
+    growth = min(unused_reservation, load.num_running * request_new_tokens)
+    queued = load.num_queued_tokens or 0
+    needed = request_tokens + growth + queued + max(unreported_tokens, 0)
+    return needed <= free_tokens
 
 
 @dataclass(frozen=True)
@@ -151,8 +182,9 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
             return []
         request = _read(pending_request)
         num_tokens = self._estimate_tokens(request) if request else 0
+        num_new_tokens = (request.max_new_tokens or self._default_max_new_tokens) if request else 0
         ranked_ids = rank_replicas(
-            self._loads(candidate_replicas, num_tokens),
+            self._loads(candidate_replicas, num_tokens, num_new_tokens),
             self._prefix_index.lookup(request.prompt) if request else None,
             self._affinity_slack,
         )
@@ -167,9 +199,10 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
         return [[by_id[replica_id]] for replica_id in ranked_ids]
 
     def _loads(
-        self, replicas: list[RunningReplica], request_tokens: int
+        self, replicas: list[RunningReplica], request_tokens: int, request_new_tokens: int
     ) -> dict[Hashable, ReplicaLoad]:
-        """Each replica's load, given a request of `request_tokens` (0: not a generation)."""
+        """Each replica's load, given a request of `request_tokens` (0: not a generation),
+        `request_new_tokens` of them generated."""
         loads = {r.replica_id: EngineLoad.from_routing_stats(r.routing_stats) for r in replicas}
         unreported = self._ledger.unreported(
             {r: load.reported_at if load else None for r, load in loads.items()},
@@ -183,13 +216,13 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
         for r, load in loads.items():
             score = load_score(load, unreported[r].num_tokens, self._default_max_new_tokens,
                                capacity)  # fmt: skip
-            own_capacity = (load.max_batch_total_tokens if load else None) or capacity
             reported = load.num_running + load.num_queued if load else 0
+            room = has_kv_room(load, score, request_tokens, request_new_tokens,
+                               unreported[r].num_tokens, capacity)  # fmt: skip
             by_replica[r] = ReplicaLoad(
-                score=score,
-                num_requests=max(reported + unreported[r].num_requests, 0),
-                has_room=score + request_tokens / own_capacity <= 1.0,
-            )
+                score=score, num_requests=max(reported + unreported[r].num_requests, 0),
+                has_room=room,
+            )  # fmt: skip
         return by_replica
 
     def _estimate_tokens(self, request: RoutedRequest) -> int:

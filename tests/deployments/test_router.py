@@ -6,6 +6,7 @@ through `update_replica_info`. Time is a fake clock given to the router.
 """
 
 import asyncio
+import dataclasses
 
 import pytest
 from ray.serve._private.common import (
@@ -21,7 +22,7 @@ from ray.serve.request_router import PendingRequest, RunningReplica
 from deployments.autoscaling import ENGINE_BATCH_TOKEN_USAGE, ENGINE_QUEUED_REQUESTS
 from deployments.engine_load import EngineLoad
 from deployments.routed_request import RoutedRequest, read_routed_request
-from deployments.router import TGIRequestRouter, load_score
+from deployments.router import TGIRequestRouter, has_kv_room, load_score
 from deployments.routing_state import InFlightLedger, PrefixIndex, Unreported
 from engine.metrics import EngineMetrics
 
@@ -173,6 +174,39 @@ def test_a_replica_without_room_for_the_request_ranks_after_those_with_room():
     # 2000 tokens do not fit in nearly_full's last 1500.
     long = generate_body("x" * 4000, max_new_tokens=1000)
     assert h.rank([busy, nearly_full], long) == ["busy", "nearly_full"]
+
+
+def blocks(num_running: int, batch_tokens: int, free_blocks: int) -> EngineLoad:
+    """An embedded engine's report: 100 KV blocks of 100 tokens, `free_blocks` free."""
+    return dataclasses.replace(batch(num_running, batch_tokens), num_free_blocks=free_blocks,
+                               num_total_blocks=100)  # fmt: skip
+
+
+def test_an_engine_that_grows_its_kv_takes_a_short_request_its_reservations_would_refuse():
+    # Two long generations halfway through: they reserve 9950 of 10000 tokens but use
+    # 4000; a 101-token request plus their growth meanwhile (2 x 100) fits the 6000 free.
+    longs = FakeReplica("longs", blocks(2, 9950, free_blocks=60))
+    shorts = FakeReplica("shorts", blocks(4, 2000, free_blocks=80))
+    assert Harness().rank([shorts, longs], generate_body("hi", 100)) == ["longs", "shorts"]
+
+
+def test_the_running_batch_growth_counts_against_the_free_kv_blocks():
+    # 2000 tokens free, but the two running sequences will grow by their last 1000
+    # reserved tokens while a 1000-token generation runs: it ranks after a roomier replica.
+    growing = FakeReplica("growing", blocks(2, 9000, free_blocks=20))
+    roomy = FakeReplica("roomy", blocks(4, 4000, free_blocks=50))
+    h = Harness()
+    assert h.rank([growing, roomy], generate_body("hi", 1000)) == ["roomy", "growing"]
+    # A short one fits there: the batch grows by 2 x 16 tokens meanwhile.
+    assert h.rank([growing, roomy], generate_body("hi", 16)) == ["growing", "roomy"]
+
+
+def test_has_kv_room_counts_the_queue_and_what_was_sent_since_the_report():
+    report = dataclasses.replace(blocks(1, 1000, free_blocks=50), num_queued_tokens=3000)
+    assert has_kv_room(report, 0.1, 1000, 100, unreported_tokens=0, capacity=CAPACITY)
+    assert not has_kv_room(report, 0.1, 1000, 100, unreported_tokens=1500, capacity=CAPACITY)
+    # Without block gauges (real TGI) the reservations must fit.
+    assert not has_kv_room(batch(1, 9500), 0.95, 1000, 100, 0, CAPACITY)
 
 
 def test_routed_requests_count_before_the_next_report_and_completion_undoes_them():
