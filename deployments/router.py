@@ -13,9 +13,13 @@ tokens over the KV capacity, or the KV blocks in use if that is higher, and its 
 those running and queued. Replicas rank as the engine would serve the request:
   1. those whose KV cache has room for it (`has_kv_room`) before the others: the engine
      admits it at once instead of queueing it or, later, preempting;
-  2. among them, fewer requests first: a smaller batch takes in a newcomer sooner (TGI's
-     waiting_served_ratio rule) and steps faster;
-  3. then the lower score.
+  2. among them, those whose batch the request joins at the next step (`joins_at_once`)
+     before those where TGI's waiting_served_ratio rule would hold it back for up to
+     max_waiting_tokens decode steps: a batch with requests already waiting takes them all
+     in once one more arrives, where a count-balancing router sends the newcomer to the
+     batch with fewer requests, where it waits;
+  3. then fewer requests first: a smaller batch steps faster;
+  4. then the lower score.
 A prompt whose prefix a replica served recently goes back there (its prefix cache holds
 the KV) if that replica has room and its score is at most `affinity_slack` above the
 lowest.
@@ -37,6 +41,8 @@ from ray.serve.request_router import (
 from deployments.engine_load import EngineLoad
 from deployments.routed_request import RoutedRequest, read_routed_request
 from deployments.routing_state import InFlightLedger, PrefixIndex
+
+TGI_WAITING_SERVED_RATIO = 0.3  # text-generation-launcher's default, and the engine's
 
 
 def load_score(
@@ -97,6 +103,19 @@ def has_kv_room(
     return needed <= free_tokens
 
 
+def joins_at_once(
+    load: EngineLoad | None, unreported_requests: int, waiting_served_ratio: float
+) -> bool:
+    """Whether a new request joins the replica's running batch at its next step under
+    TGI's rule: at once into an empty batch, else only when the waiting requests (it
+    included) are at least `waiting_served_ratio` x the running ones. Requests sent since
+    the report count as running (they most likely joined; if they wait, it only helps)."""
+    num_running = load.num_running if load else 0
+    num_queued = load.num_queued if load else 0
+    num_running = max(num_running + unreported_requests, 0)
+    return num_running == 0 or num_queued + 1 >= waiting_served_ratio * num_running
+
+
 @dataclass(frozen=True)
 class ReplicaLoad:
     """What the ranking knows of one replica, for the request being routed."""
@@ -104,6 +123,7 @@ class ReplicaLoad:
     score: float  # load_score: projected KV reservation over capacity
     num_requests: int  # running + queued at its last report + sent since
     has_room: bool  # the request's tokens fit in the KV budget the score leaves
+    joins_at_once: bool  # the batch takes it in at the next step (see joins_at_once)
 
 
 def rank_replicas(
@@ -113,8 +133,8 @@ def rank_replicas(
     they share the requests."""
     ranked = sorted(
         loads,
-        key=lambda r: (not loads[r].has_room, loads[r].num_requests, loads[r].score,
-                       random.random()),
+        key=lambda r: (not loads[r].has_room, not loads[r].joins_at_once,
+                       loads[r].num_requests, loads[r].score, random.random()),
     )  # fmt: skip
     lowest = min(load.score for load in loads.values())
     chosen = loads.get(preferred)
@@ -150,6 +170,7 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
         default_max_new_tokens: int = 256,
         default_capacity_tokens: int = 16_384,
         reservation_ttl_s: float = 5.0,
+        waiting_served_ratio: float = TGI_WAITING_SERVED_RATIO,
     ) -> None:
         """Configuration, from `RequestRouterConfig.request_router_kwargs`.
 
@@ -161,6 +182,7 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
         default_max_new_tokens: new tokens assumed when a request does not say.
         default_capacity_tokens: KV capacity assumed for a replica until it reports one.
         reservation_ttl_s: how long a ranked but never accepted request counts.
+        waiting_served_ratio: the engines' --waiting-served-ratio.
         """
         self._prefix_index = PrefixIndex(prefix_lengths_chars, max_prefix_entries)
         self._ledger = InFlightLedger(reservation_ttl_s)
@@ -168,6 +190,7 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
         self._chars_per_token = chars_per_token
         self._default_max_new_tokens = default_max_new_tokens
         self._default_capacity_tokens = default_capacity_tokens
+        self._waiting_served_ratio = waiting_served_ratio
 
     # --- ranking -----------------------------------------------------------------------
 
@@ -219,9 +242,10 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
             reported = load.num_running + load.num_queued if load else 0
             room = has_kv_room(load, score, request_tokens, request_new_tokens,
                                unreported[r].num_tokens, capacity)  # fmt: skip
+            joins = joins_at_once(load, unreported[r].num_requests, self._waiting_served_ratio)
             by_replica[r] = ReplicaLoad(
                 score=score, num_requests=max(reported + unreported[r].num_requests, 0),
-                has_room=room,
+                has_room=room, joins_at_once=joins,
             )  # fmt: skip
         return by_replica
 

@@ -25,7 +25,7 @@ from deployments.engine_load import EngineLoad
 from deployments.errors import TGIError
 from deployments.launcher import Launcher, embedded_env, free_port, launcher_command
 from deployments.placement import launcher_env, placement_options, reserve_shard_gpus
-from deployments.router import TGIRequestRouter
+from deployments.router import TGI_WAITING_SERVED_RATIO, TGIRequestRouter
 from deployments.tokenizer_files import read_tokenizer_files
 from deployments.tracing import BACKEND, MODEL_ID, MODEL_NAME, Tracing, hop_span
 from deployments.weights_prefetch import prefetch_for_launcher
@@ -70,7 +70,7 @@ class TGIServer:
             actor_options["num_gpus"] = model_cfg.resources.num_gpus
         return {
             "name": f"TGIServer:{model_cfg.name}",
-            **_replica_options(d),
+            **_replica_options(d, model_cfg.launcher_args.waiting_served_ratio),
             # Let the engine's continuous batching see as many requests as it admits.
             "max_ongoing_requests": d.max_ongoing_requests or max_concurrent,
             "ray_actor_options": actor_options,
@@ -276,9 +276,9 @@ class TGIServer:
             tracing.shutdown()
 
 
-def _replica_options(d: DeploymentOptions) -> dict[str, Any]:
+def _replica_options(d: DeploymentOptions, waiting_served_ratio: float | None) -> dict[str, Any]:
     """How many replicas (fixed, or autoscaled on the engines' queues) and how requests are
-    routed among them."""
+    routed among them (the router knows the engines' --waiting-served-ratio)."""
     options: dict[str, Any] = {}
     if d.max_surge_percent is not None:  # new replicas up before old ones stop (blue/green)
         options["max_surge_percent"] = d.max_surge_percent
@@ -306,6 +306,9 @@ def _replica_options(d: DeploymentOptions) -> dict[str, Any]:
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=f"{TGIRequestRouter.__module__}:{TGIRequestRouter.__name__}",
             request_routing_stats_period_s=d.routing_stats_period_s,
+            request_router_kwargs={
+                "waiting_served_ratio": waiting_served_ratio or TGI_WAITING_SERVED_RATIO
+            },
         )
     return options
 

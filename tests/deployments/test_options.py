@@ -20,6 +20,7 @@ def test_tgi_server_defaults():
     router = options.pop("request_router_config")
     assert router.request_router_class == "deployments.router:TGIRequestRouter"
     assert router.request_routing_stats_period_s == 2.0
+    assert router.request_router_kwargs == {"waiting_served_ratio": 0.3}  # TGI's default
     assert options == {
         "name": "TGIServer:m",
         "num_replicas": 1,
@@ -29,6 +30,11 @@ def test_tgi_server_defaults():
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 20,
     }
+
+
+def test_the_router_is_told_the_engines_waiting_served_ratio():
+    options = TGIServer.get_deployment_options(_cfg(launcher_args={"waiting_served_ratio": 1.2}))
+    assert options["request_router_config"].request_router_kwargs == {"waiting_served_ratio": 1.2}
 
 
 def test_autoscaling_on_engine_queues_replaces_a_fixed_replica_count():

@@ -22,7 +22,7 @@ from ray.serve.request_router import PendingRequest, RunningReplica
 from deployments.autoscaling import ENGINE_BATCH_TOKEN_USAGE, ENGINE_QUEUED_REQUESTS
 from deployments.engine_load import EngineLoad
 from deployments.routed_request import RoutedRequest, read_routed_request
-from deployments.router import TGIRequestRouter, has_kv_room, load_score
+from deployments.router import TGIRequestRouter, has_kv_room, joins_at_once, load_score
 from deployments.routing_state import InFlightLedger, PrefixIndex, Unreported
 from engine.metrics import EngineMetrics
 
@@ -164,6 +164,34 @@ def test_among_replicas_with_room_the_smaller_batch_goes_first():
     four_short = FakeReplica("four_short", batch(4, 2000))
     ranked = Harness().rank([four_short, one_long], generate_body("hi", 16))
     assert ranked == ["one_long", "four_short"]
+
+
+def test_a_newcomer_goes_where_the_batch_takes_it_in_at_once_even_if_it_holds_more():
+    # Five running and one waiting: one more waiting makes 2 >= 0.3 x 5, and both join at
+    # the next step. Four running and none waiting: a newcomer alone (1 < 0.3 x 4) waits
+    # up to max_waiting_tokens steps. Serve's default router would pick the second.
+    waiting = FakeReplica("waiting", batch(5, 3000, queued=1))
+    full_batch = FakeReplica("full_batch", batch(4, 2000))
+    assert Harness().rank([full_batch, waiting], generate_body("hi", 16)) == [
+        "waiting",
+        "full_batch",
+    ]
+    # With the engines' ratio at 0.1 both take it in at once: fewer requests first.
+    h = Harness(waiting_served_ratio=0.1)
+    assert h.rank([waiting, full_batch], generate_body("hi", 16)) == ["full_batch", "waiting"]
+
+
+def test_requests_sent_since_the_report_count_as_joined_the_batch():
+    three = FakeReplica("three", batch(3, 3000))  # a newcomer joins: 1 >= 0.3 x 3
+    waiting = FakeReplica("waiting", batch(4, 3000, queued=1))  # joins too: 2 >= 0.3 x 4
+    h = Harness()
+    assert h.send([waiting, three], generate_body("hi", 16))[1] == "three"  # fewer requests
+    # The one just sent made that batch four with none waiting: the next one would wait
+    # there, but joins the other batch at once, though it holds five requests to four.
+    assert h.rank([three, waiting], generate_body("hi", 16)) == ["waiting", "three"]
+    assert joins_at_once(batch(3, 3000), 0, 0.3)
+    assert not joins_at_once(batch(3, 3000), 1, 0.3)
+    assert joins_at_once(None, 0, 0.3)  # not reported yet, nothing sent: empty
 
 
 def test_a_replica_without_room_for_the_request_ranks_after_those_with_room():
