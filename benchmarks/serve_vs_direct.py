@@ -2,8 +2,8 @@
 
 One `serve run serve_config.yaml` (the user's app, as a subprocess); both sides hit the same
 engine process: through http://127.0.0.1:8000, or directly on the port its TGIServer
-replica started it on. Blocks of requests alternate between the sides, so drift (thermal,
-caches) falls on both. Two measurements:
+replica started it on. Blocks of requests alternate between the sides (single requests at
+concurrency 1), so drift (thermal, caches, neighbours) falls on both. Two measurements:
   - TTFT p50 added by Serve at concurrency 1 (short prompts and outputs);
   - output tok/s kept through Serve at concurrency 32.
 Writes results/serve_vs_direct_c1.json and _c32.json (+ .png).
@@ -114,10 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             requests = make_requests(tokenizer, num_requests, LengthDist.parse(input_len),
                                      LengthDist.parse(output_len), args.seed)  # fmt: skip
             alternate(targets, requests[:8], concurrency, 1, "w")  # warm-up, not reported
-            sides = alternate(targets, requests, concurrency, args.rounds, f"c{concurrency}")
+            # One at a time, the sides take turns request by request: pairs a few hundred
+            # ms apart see the same machine, where blocks drift apart on a noisy one.
+            rounds = num_requests if concurrency == 1 else args.rounds
+            sides = alternate(targets, requests, concurrency, rounds, f"c{concurrency}")
             workload = {"concurrency": concurrency, "num_requests": num_requests,
                         "input_len": input_len, "output_len": output_len, "seed": args.seed,
-                        "rounds": args.rounds}  # fmt: skip
+                        "rounds": rounds}  # fmt: skip
             write_report(
                 f"serve_vs_direct_c{concurrency}", command, sides, {"workload": workload},
                 ratios=serve_costs, results_dir=args.results_dir,

@@ -13,13 +13,14 @@ tokens over the KV capacity, or the KV blocks in use if that is higher, and its 
 those running and queued. Replicas rank as the engine would serve the request:
   1. those whose KV cache has room for it (`has_kv_room`) before the others: the engine
      admits it at once instead of queueing it or, later, preempting;
-  2. among them, those whose batch the request joins at the next step (`joins_at_once`)
-     before those where TGI's waiting_served_ratio rule would hold it back for up to
-     max_waiting_tokens decode steps: a batch with requests already waiting takes them all
-     in once one more arrives, where a count-balancing router sends the newcomer to the
-     batch with fewer requests, where it waits;
-  3. then fewer requests first: a smaller batch steps faster;
-  4. then the lower score.
+  2. among them, fewer requests first (a smaller batch steps faster), where a batch that
+     takes the request in at the next step (`joins_at_once`) counts one request fewer than
+     it holds: under TGI's waiting_served_ratio rule a newcomer to a batch of four with
+     none waiting waits up to max_waiting_tokens decode steps, while one more request for
+     a batch of four with one waiting lets both in at once — the count-balancing default
+     router picks the first. The bonus is one request only: more would pile requests onto
+     one batch, whose every step then takes longer;
+  3. then the batch it joins at once, then the lower score.
 A prompt whose prefix a replica served recently goes back there (its prefix cache holds
 the KV) if that replica has room and its score is at most `affinity_slack` above the
 lowest.
@@ -133,8 +134,9 @@ def rank_replicas(
     they share the requests."""
     ranked = sorted(
         loads,
-        key=lambda r: (not loads[r].has_room, not loads[r].joins_at_once,
-                       loads[r].num_requests, loads[r].score, random.random()),
+        key=lambda r: (not loads[r].has_room,
+                       loads[r].num_requests - loads[r].joins_at_once,
+                       not loads[r].joins_at_once, loads[r].score, random.random()),
     )  # fmt: skip
     lowest = min(load.score for load in loads.values())
     chosen = loads.get(preferred)

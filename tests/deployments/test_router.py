@@ -166,11 +166,11 @@ def test_among_replicas_with_room_the_smaller_batch_goes_first():
     assert ranked == ["one_long", "four_short"]
 
 
-def test_a_newcomer_goes_where_the_batch_takes_it_in_at_once_even_if_it_holds_more():
-    # Five running and one waiting: one more waiting makes 2 >= 0.3 x 5, and both join at
+def test_a_newcomer_goes_where_the_batch_takes_it_in_at_once_even_if_it_holds_one_more():
+    # Four running and one waiting: one more waiting makes 2 >= 0.3 x 4, and both join at
     # the next step. Four running and none waiting: a newcomer alone (1 < 0.3 x 4) waits
     # up to max_waiting_tokens steps. Serve's default router would pick the second.
-    waiting = FakeReplica("waiting", batch(5, 3000, queued=1))
+    waiting = FakeReplica("waiting", batch(4, 3000, queued=1))
     full_batch = FakeReplica("full_batch", batch(4, 2000))
     assert Harness().rank([full_batch, waiting], generate_body("hi", 16)) == [
         "waiting",
@@ -179,6 +179,9 @@ def test_a_newcomer_goes_where_the_batch_takes_it_in_at_once_even_if_it_holds_mo
     # With the engines' ratio at 0.1 both take it in at once: fewer requests first.
     h = Harness(waiting_served_ratio=0.1)
     assert h.rank([waiting, full_batch], generate_body("hi", 16)) == ["full_batch", "waiting"]
+    # Two requests more is too many: the smaller batch, though the newcomer waits there.
+    bigger = FakeReplica("bigger", batch(6, 3000, queued=1))  # 2 >= 0.3 x 6
+    assert Harness().rank([bigger, full_batch], generate_body("hi", 16))[0] == "full_batch"
 
 
 def test_requests_sent_since_the_report_count_as_joined_the_batch():
