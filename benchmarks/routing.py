@@ -227,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-share", type=float, default=0.2)
     p.add_argument("--max-batch-total-tokens", type=int, default=2048,
                    help="each engine's KV budget: three long generations fill it")  # fmt: skip
+    p.add_argument(
+        "--routing-stats-period-s",
+        type=float,
+        default=2.0,
+        help="how often each engine's load reaches the router (the app's default)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -245,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         app_urls = {}
         for router in ROUTERS:
             deployment = {"num_replicas": 2, "request_router": router,
-                          "routing_stats_period_s": 0.5}  # fmt: skip
+                          "routing_stats_period_s": args.routing_stats_period_s}  # fmt: skip
             args_ = app_args(str(model_dir), deployment, launcher_args)
             app_urls[router] = apps.enter_context(deployed(base_url, router, args_))
         engines = {router: (url, engine_urls(router, 2)) for router, url in app_urls.items()}
@@ -258,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "input_len": str(args.input_len), "short_tokens": args.short_tokens,
         "long_tokens": args.long_tokens, "long_share": args.long_share,
         "launcher_args": launcher_args, "seed": args.seed,
+        "routing_stats_period_s": args.routing_stats_period_s,
         "prefix_workload": "8 system prompts of 250 words x 3 questions, one at a time",
     }  # fmt: skip
     report = write_report("routing", command, sides, {"workload": workload, "engines": seen},

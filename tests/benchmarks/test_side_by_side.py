@@ -1,10 +1,13 @@
-"""The side-by-side benchmark (a) end to end on a tiny workload: both sides, one report."""
+"""The side-by-side benchmarks: (a) end to end on a tiny workload, both sides in one report;
+(b) gives each side prompts of its own."""
 
 import json
 
 import pytest
 
 from benchmarks import engine_vs_hf
+from benchmarks.serve_vs_direct import tagged
+from benchmarks.workload import BenchRequest
 
 pytestmark = pytest.mark.slow
 
@@ -24,3 +27,13 @@ def test_engine_vs_hf_reports_both_sides_and_their_ratio(tmp_path, default_model
     )
     assert report["machine"]["num_cpus"] >= 1 and report["command"].startswith("python -m")
     assert (tmp_path / "engine_vs_hf.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_vs_direct_gives_each_side_its_own_prompts():
+    # The engine's prefix cache would hand the side that runs second the first side's KV.
+    requests = [BenchRequest("same prompt", 2, 4), BenchRequest("same prompt", 2, 4)]
+    direct, serve = tagged(requests, "c1d"), tagged(requests, "c1s")
+    prompts = [r.prompt for r in direct + serve]
+    assert len(set(prompts)) == 4
+    assert all(p.endswith("same prompt") for p in prompts)
+    assert [r.max_new_tokens for r in direct + serve] == [4] * 4
