@@ -84,6 +84,20 @@ def alternate(targets: dict, requests, concurrency: int, num_rounds: int, tag: s
     return sides
 
 
+def paired_ttft_added_ms(sides: dict) -> dict[str, float]:
+    """Percentiles of serve's TTFT minus direct's for the same request index: at
+    concurrency 1 the two of a pair have prompts of one length, sent back to back, so
+    their difference is Serve's cost without the spread of prompt lengths and drift."""
+    pairs = zip(sides["direct"][0], sides["serve"][0], strict=True)
+    added = sorted(
+        (s.token_times[0] - s.start - (d.token_times[0] - d.start)) * 1000
+        for d, s in pairs
+        if d.token_times and s.token_times
+    )
+    return {f"p{q}": round(added[min(len(added) - 1, len(added) * q // 100)], 2)
+            for q in (10, 50, 90)}  # fmt: skip
+
+
 def serve_costs(summaries: dict) -> dict[str, float]:
     serve, direct = summaries["serve"], summaries["direct"]
     return {
@@ -121,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             workload = {"concurrency": concurrency, "num_requests": num_requests,
                         "input_len": input_len, "output_len": output_len, "seed": args.seed,
                         "rounds": rounds}  # fmt: skip
+            extra = {"workload": workload}
+            if concurrency == 1:
+                extra["ttft_added_ms_paired"] = paired_ttft_added_ms(sides)
             write_report(
-                f"serve_vs_direct_c{concurrency}", command, sides, {"workload": workload},
+                f"serve_vs_direct_c{concurrency}", command, sides, extra,
                 ratios=serve_costs, results_dir=args.results_dir,
             )  # fmt: skip
     finally:

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from benchmarks import engine_vs_hf
-from benchmarks.serve_vs_direct import tagged
+from benchmarks.loadgen import RequestResult
+from benchmarks.serve_vs_direct import paired_ttft_added_ms, tagged
 from benchmarks.workload import BenchRequest
 
 pytestmark = pytest.mark.slow
@@ -37,3 +38,13 @@ def test_serve_vs_direct_gives_each_side_its_own_prompts():
     assert len(set(prompts)) == 4
     assert all(p.endswith("same prompt") for p in prompts)
     assert [r.max_new_tokens for r in direct + serve] == [4] * 4
+
+
+def test_serve_vs_direct_pairs_each_request_with_its_twin():
+    def result(start: float, first_token: float) -> RequestResult:
+        return RequestResult(8, 4, start, token_times=[first_token], end=first_token + 1)
+
+    direct = [result(0.0, 0.300), result(1.0, 1.100), result(2.0, 2.500)]
+    serve = [result(0.5, 0.805), result(1.5, 1.700), result(2.5, 3.010)]
+    added = paired_ttft_added_ms({"direct": (direct, 3.0), "serve": (serve, 3.0)})
+    assert added == {"p10": 5.0, "p50": 10.0, "p90": 100.0}
