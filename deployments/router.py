@@ -15,17 +15,18 @@ those running and queued. Replicas rank as the engine would serve the request:
      admits it at once instead of queueing it or, later, preempting;
   2. among them, fewer requests first (a smaller batch steps faster), where a batch that
      takes the request in at the next step (`joins_at_once`) counts one request fewer than
-     it holds: under TGI's waiting_served_ratio rule a newcomer to a batch of four with
-     none waiting waits up to max_waiting_tokens decode steps, while one more request for
-     a batch of four with one waiting lets both in at once — the count-balancing default
-     router picks the first. The bonus is one request only: more would pile requests onto
-     one batch, whose every step then takes longer;
+     it holds: under TGI's waiting_served_ratio rule (0.3) a lone newcomer to a batch of
+     seven with none waiting waits up to max_waiting_tokens decode steps, while one more
+     request for a batch of seven with one waiting lets both in at once — the
+     count-balancing default router picks the first. The bonus is one request only: more
+     would pile requests onto one batch, whose every step then takes longer;
   3. then the batch it joins at once, then the lower score.
 A prompt whose prefix a replica served recently goes back there (its prefix cache holds
 the KV) if that replica has room and its score is at most `affinity_slack` above the
 lowest.
 """
 
+import math
 import random
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -108,13 +109,14 @@ def joins_at_once(
     load: EngineLoad | None, unreported_requests: int, waiting_served_ratio: float
 ) -> bool:
     """Whether a new request joins the replica's running batch at its next step under
-    TGI's rule: at once into an empty batch, else only when the waiting requests (it
-    included) are at least `waiting_served_ratio` x the running ones. Requests sent since
-    the report count as running (they most likely joined; if they wait, it only helps)."""
+    TGI's rule: when the waiting requests (it included) are at least
+    floor(`waiting_served_ratio` x the running ones). Requests sent since the report count
+    as running (they most likely joined; if they wait, it only helps). The rule's other
+    way in (max_waiting_tokens steps since the last join) is not reported, so not known."""
     num_running = load.num_running if load else 0
     num_queued = load.num_queued if load else 0
     num_running = max(num_running + unreported_requests, 0)
-    return num_running == 0 or num_queued + 1 >= waiting_served_ratio * num_running
+    return num_queued + 1 >= math.floor(waiting_served_ratio * num_running)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ FLAGS = [
     Flag("waiting-served-ratio", float, 0.3, "Waiting/running ratio that lets waiters join"),
     Flag("max-batch-prefill-tokens", int, None, "Prompt tokens prefilled in one step"),
     Flag("max-batch-total-tokens", int, None, "KV cache capacity in tokens"),
-    Flag("max-waiting-tokens", int, 20, "Decode steps after which waiters join anyway"),
+    Flag("max-waiting-tokens", int, 20, "Steps since the last join before waiters join anyway"),
     Flag("max-batch-size", int, None, "Most sequences in the running batch"),
     # TGI reads PREFIX_CACHING from the environment; the flag spells the same switch.
     Flag("prefix-caching", bool, True, "Reuse the KV cache of shared prompt prefixes"),

@@ -16,8 +16,9 @@ class EngineConfig:
     max_batch_prefill_tokens: int = 4096  # cap on prompt tokens prefilled in one step
     max_batch_size: int | None = None  # cap on running sequences
     # TGI's rule for letting waiting requests into a running batch (a prefill pauses every
-    # running sequence): only when at least waiting_served_ratio x running requests wait,
-    # or when they have waited max_waiting_tokens decode steps.
+    # running sequence): only when at least floor(waiting_served_ratio x running) requests
+    # wait, or when max_waiting_tokens steps passed since requests last joined. At 0.3 a
+    # lone newcomer joins a batch of up to 6 at once; a batch of 7 to 9 takes two.
     enable_prefix_caching: bool = True  # reuse the KV of shared prompt prefixes
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20

@@ -10,6 +10,7 @@ blocks are freed and it goes back to the front of the queue, to be recomputed la
 prompt plus the tokens it has generated so far.
 """
 
+import math
 from collections import deque
 
 from engine.block_manager import BlockManager
@@ -27,7 +28,9 @@ class Scheduler:
         self.max_batch_size = config.max_batch_size
         self.waiting_served_ratio = config.waiting_served_ratio
         self.max_waiting_tokens = config.max_waiting_tokens
-        self.num_steps_waited = 0  # decode steps run while requests waited
+        # TGI's waiting_tokens: steps since requests last joined the batch, the prefill that
+        # let them in counted as one.
+        self.num_steps_since_join = 0
         self.block_manager = BlockManager(
             config.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -84,13 +87,12 @@ class Scheduler:
         # Between two chunks of a long prompt, the running sequences decode once.
         decode_first = self.prefilling and self.running and self._last_step_was_prefill
         if not decode_first and (prefill := self._schedule_prefill(self._may_join())):
-            self.num_steps_waited = 0
+            self.num_steps_since_join = 1
             self._last_step_was_prefill = True
             return prefill, True
         self._last_step_was_prefill = False
         if decode := self._schedule_decode():
-            if self.waiting:
-                self.num_steps_waited += 1
+            self.num_steps_since_join += 1
             return decode, False
         # A lone sequence that preempted itself fits the now empty cache: recompute it.
         if prefill := self._schedule_prefill(admit_waiting=True):
@@ -99,11 +101,12 @@ class Scheduler:
         return [], False
 
     def _may_join(self) -> bool:
-        """TGI's admission rule (see EngineConfig.waiting_served_ratio)."""
+        """TGI's admission rule (see EngineConfig.waiting_served_ratio), as its batching
+        loop computes it: the least number of waiting requests is floor(running x ratio)."""
         return (
             not self.running
-            or self.num_steps_waited >= self.max_waiting_tokens
-            or len(self.waiting) >= len(self.running) * self.waiting_served_ratio
+            or self.num_steps_since_join >= self.max_waiting_tokens
+            or len(self.waiting) >= math.floor(len(self.running) * self.waiting_served_ratio)
         )
 
     def _has_batch_slot(self, num_seqs: int) -> bool:

@@ -67,7 +67,7 @@ class LauncherArgs(_Strict):
         None, ge=1, description="KV-cache budget: most tokens held by one running batch."
     )
     max_waiting_tokens: int | None = Field(
-        None, ge=0, description="Decode steps before waiting requests are forced into a batch."
+        None, ge=0, description="Steps since the last join before waiters join anyway."
     )
     max_batch_size: int | None = Field(None, ge=1, description="Most requests in one batch.")
     dtype: Literal["float16", "bfloat16", "float32"] | None = Field(

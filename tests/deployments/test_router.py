@@ -158,8 +158,8 @@ def batch(num_running: int, batch_tokens: int, queued: int = 0) -> EngineLoad:
 
 
 def test_among_replicas_with_room_the_smaller_batch_goes_first():
-    # One long generation reserves more KV than four short ones, but a newcomer joins the
-    # single-request batch at once (TGI's waiting_served_ratio rule) and it steps faster.
+    # One long generation reserves more KV than four short ones, but both batches take a
+    # newcomer in at once (TGI's rule: 1 >= floor(0.3 x 4)) and the single one steps faster.
     one_long = FakeReplica("one_long", batch(1, 5000))
     four_short = FakeReplica("four_short", batch(4, 2000))
     ranked = Harness().rank([four_short, one_long], generate_body("hi", 16))
@@ -167,11 +167,11 @@ def test_among_replicas_with_room_the_smaller_batch_goes_first():
 
 
 def test_a_newcomer_goes_where_the_batch_takes_it_in_at_once_even_if_it_holds_one_more():
-    # Four running and one waiting: one more waiting makes 2 >= 0.3 x 4, and both join at
-    # the next step. Four running and none waiting: a newcomer alone (1 < 0.3 x 4) waits
+    # Seven running and one waiting: one more waiting makes 2 >= floor(0.3 x 7), and both
+    # join at the next step. Seven running and none waiting: a newcomer alone (1 < 2) waits
     # up to max_waiting_tokens steps. Serve's default router would pick the second.
-    waiting = FakeReplica("waiting", batch(4, 3000, queued=1))
-    full_batch = FakeReplica("full_batch", batch(4, 2000))
+    waiting = FakeReplica("waiting", batch(7, 3000, queued=1))
+    full_batch = FakeReplica("full_batch", batch(7, 2000))
     assert Harness().rank([full_batch, waiting], generate_body("hi", 16)) == [
         "waiting",
         "full_batch",
@@ -180,20 +180,21 @@ def test_a_newcomer_goes_where_the_batch_takes_it_in_at_once_even_if_it_holds_on
     h = Harness(waiting_served_ratio=0.1)
     assert h.rank([waiting, full_batch], generate_body("hi", 16)) == ["full_batch", "waiting"]
     # Two requests more is too many: the smaller batch, though the newcomer waits there.
-    bigger = FakeReplica("bigger", batch(6, 3000, queued=1))  # 2 >= 0.3 x 6
+    bigger = FakeReplica("bigger", batch(9, 3000, queued=1))  # 2 >= floor(0.3 x 9)
     assert Harness().rank([bigger, full_batch], generate_body("hi", 16))[0] == "full_batch"
 
 
 def test_requests_sent_since_the_report_count_as_joined_the_batch():
-    three = FakeReplica("three", batch(3, 3000))  # a newcomer joins: 1 >= 0.3 x 3
-    waiting = FakeReplica("waiting", batch(4, 3000, queued=1))  # joins too: 2 >= 0.3 x 4
+    six = FakeReplica("six", batch(6, 3000))  # a newcomer joins: 1 >= floor(0.3 x 6)
+    waiting = FakeReplica("waiting", batch(7, 3000, queued=1))  # joins too: 2 >= 2
     h = Harness()
-    assert h.send([waiting, three], generate_body("hi", 16))[1] == "three"  # fewer requests
-    # The one just sent made that batch four with none waiting: the next one would wait
-    # there, but joins the other batch at once, though it holds five requests to four.
-    assert h.rank([three, waiting], generate_body("hi", 16)) == ["waiting", "three"]
-    assert joins_at_once(batch(3, 3000), 0, 0.3)
-    assert not joins_at_once(batch(3, 3000), 1, 0.3)
+    assert h.send([waiting, six], generate_body("hi", 16))[1] == "six"  # fewer requests
+    # The one just sent made that batch seven with none waiting: the next one would wait
+    # there, but joins the other batch at once, though it holds eight requests to seven.
+    assert h.rank([six, waiting], generate_body("hi", 16)) == ["waiting", "six"]
+    assert joins_at_once(batch(6, 3000), 0, 0.3)
+    assert not joins_at_once(batch(6, 3000), 1, 0.3)
+    assert joins_at_once(batch(4, 3000), 0, 0.3)  # 1 >= floor(1.2): not 1 >= 1.2
     assert joins_at_once(None, 0, 0.3)  # not reported yet, nothing sent: empty
 
 

@@ -189,20 +189,43 @@ def test_rejects_requests_that_can_never_be_served():
 
 
 def test_waiters_join_a_running_batch_only_by_tgis_ratio_or_after_max_waiting_tokens():
-    config = EngineConfig(model_dir="unused", max_batch_total_tokens=256,
+    config = EngineConfig(model_dir="unused", max_batch_total_tokens=512,
                           max_batch_prefill_tokens=64, block_size=BLOCK_SIZE,
                           waiting_served_ratio=0.5, max_waiting_tokens=3)  # fmt: skip
     scheduler = Scheduler(config)
     for i in range(4):
         scheduler.add(make_seq(f"r{i}", 4, max_new_tokens=50))
     assert step(scheduler) == (["r0", "r1", "r2", "r3"], True)
-    scheduler.add(make_seq("late", 4, max_new_tokens=50))  # 1 waiting < 0.5 x 4 running
-    assert [step(scheduler)[1] for _ in range(3)] == [False] * 3  # decodes, late waits
-    assert step(scheduler) == (["late"], True)  # waited max_waiting_tokens=3 steps
+    scheduler.add(make_seq("late", 4, max_new_tokens=50))  # 1 waiting < floor(0.5 x 4)
+    assert [step(scheduler)[1] for _ in range(2)] == [False] * 2  # decodes, late waits
+    # TGI's waiting_tokens: the prefill counts as one step, so max_waiting_tokens=3 is
+    # reached after two decodes.
+    assert step(scheduler) == (["late"], True)
     scheduler.add(make_seq("a", 4, max_new_tokens=50))
-    scheduler.add(make_seq("b", 4, max_new_tokens=50))
-    scheduler.add(make_seq("c", 4, max_new_tokens=50))  # 3 waiting >= 0.5 x 5 running
-    assert step(scheduler) == (["a", "b", "c"], True)
+    scheduler.add(make_seq("b", 4, max_new_tokens=50))  # 2 waiting >= floor(0.5 x 5) = 2
+    assert step(scheduler) == (["a", "b"], True)
+    for _ in range(3):  # 7 running decode: max_waiting_tokens passes with nobody waiting
+        assert step(scheduler)[1] is False
+    scheduler.add(make_seq("after_a_while", 4, max_new_tokens=50))  # 1 < floor(0.5 x 7)
+    assert step(scheduler) == (["after_a_while"], True)  # no wait: 3 steps since a join
+
+
+def test_a_lone_newcomer_joins_a_batch_of_up_to_six_at_once_at_tgis_default_ratio():
+    config = EngineConfig(model_dir="unused", max_batch_total_tokens=512,
+                          max_batch_prefill_tokens=64, block_size=BLOCK_SIZE,
+                          waiting_served_ratio=0.3, max_waiting_tokens=20)  # fmt: skip
+    scheduler = Scheduler(config)
+    for i in range(6):
+        scheduler.add(make_seq(f"r{i}", 4, max_new_tokens=50))
+    assert step(scheduler)[1] is True
+    assert step(scheduler)[1] is False
+    scheduler.add(make_seq("seventh", 4, max_new_tokens=50))  # 1 >= floor(0.3 x 6) = 1
+    assert step(scheduler) == (["seventh"], True)
+    assert step(scheduler)[1] is False
+    scheduler.add(make_seq("eighth", 4, max_new_tokens=50))  # 1 < floor(0.3 x 7) = 2
+    assert step(scheduler)[1] is False
+    scheduler.add(make_seq("ninth", 4, max_new_tokens=50))  # 2 >= 2
+    assert step(scheduler) == (["eighth", "ninth"], True)
 
 
 def test_no_starvation_under_continuous_arrivals():
