@@ -11,13 +11,21 @@ BLOCK_SIZE = 4
 EOS = 99
 
 
-def make_scheduler(num_tokens: int = 64, prefill: int = 32, batch: int | None = None) -> Scheduler:
+def make_scheduler(
+    num_tokens: int = 64,
+    prefill: int = 32,
+    batch: int | None = None,
+    waiting_served_ratio: float = EngineConfig.waiting_served_ratio,
+    max_waiting_tokens: int = EngineConfig.max_waiting_tokens,
+) -> Scheduler:
     config = EngineConfig(
         model_dir="unused",
         max_batch_total_tokens=num_tokens,
         max_batch_prefill_tokens=prefill,
         max_batch_size=batch,
         block_size=BLOCK_SIZE,
+        waiting_served_ratio=waiting_served_ratio,
+        max_waiting_tokens=max_waiting_tokens,
     )
     return Scheduler(config)
 
@@ -188,14 +196,19 @@ def test_rejects_requests_that_can_never_be_served():
     assert [seq.request_id for seq in scheduler.waiting] == ["d"]
 
 
+def running_batch(size: int, waiting_served_ratio: float, max_waiting_tokens: int) -> Scheduler:
+    """A scheduler whose batch of `size` long requests has just been prefilled."""
+    scheduler = make_scheduler(512, 64, waiting_served_ratio=waiting_served_ratio,
+                               max_waiting_tokens=max_waiting_tokens)  # fmt: skip
+    ids = [f"r{i}" for i in range(size)]
+    for request_id in ids:
+        scheduler.add(make_seq(request_id, 4, max_new_tokens=50))
+    assert step(scheduler) == (ids, True)
+    return scheduler
+
+
 def test_waiters_join_a_running_batch_only_by_tgis_ratio_or_after_max_waiting_tokens():
-    config = EngineConfig(model_dir="unused", max_batch_total_tokens=512,
-                          max_batch_prefill_tokens=64, block_size=BLOCK_SIZE,
-                          waiting_served_ratio=0.5, max_waiting_tokens=3)  # fmt: skip
-    scheduler = Scheduler(config)
-    for i in range(4):
-        scheduler.add(make_seq(f"r{i}", 4, max_new_tokens=50))
-    assert step(scheduler) == (["r0", "r1", "r2", "r3"], True)
+    scheduler = running_batch(4, waiting_served_ratio=0.5, max_waiting_tokens=3)
     scheduler.add(make_seq("late", 4, max_new_tokens=50))  # 1 waiting < floor(0.5 x 4)
     assert [step(scheduler)[1] for _ in range(2)] == [False] * 2  # decodes, late waits
     # TGI's waiting_tokens: the prefill counts as one step, so max_waiting_tokens=3 is
@@ -211,13 +224,7 @@ def test_waiters_join_a_running_batch_only_by_tgis_ratio_or_after_max_waiting_to
 
 
 def test_a_lone_newcomer_joins_a_batch_of_up_to_six_at_once_at_tgis_default_ratio():
-    config = EngineConfig(model_dir="unused", max_batch_total_tokens=512,
-                          max_batch_prefill_tokens=64, block_size=BLOCK_SIZE,
-                          waiting_served_ratio=0.3, max_waiting_tokens=20)  # fmt: skip
-    scheduler = Scheduler(config)
-    for i in range(6):
-        scheduler.add(make_seq(f"r{i}", 4, max_new_tokens=50))
-    assert step(scheduler)[1] is True
+    scheduler = running_batch(6, waiting_served_ratio=0.3, max_waiting_tokens=20)
     assert step(scheduler)[1] is False
     scheduler.add(make_seq("seventh", 4, max_new_tokens=50))  # 1 >= floor(0.3 x 6) = 1
     assert step(scheduler) == (["seventh"], True)
@@ -231,10 +238,7 @@ def test_a_lone_newcomer_joins_a_batch_of_up_to_six_at_once_at_tgis_default_rati
 def test_no_starvation_under_continuous_arrivals():
     """A request arrives every step for 200 steps; each is let in within max_waiting_tokens
     decode steps (plus the prefill itself), and all of them finish."""
-    config = EngineConfig(model_dir="unused", max_batch_total_tokens=4096,
-                          max_batch_prefill_tokens=64, block_size=BLOCK_SIZE,
-                          waiting_served_ratio=1.2, max_waiting_tokens=5)  # fmt: skip
-    scheduler = Scheduler(config)
+    scheduler = make_scheduler(4096, 64, waiting_served_ratio=1.2, max_waiting_tokens=5)
     arrived, started = {}, {}
     for t in range(400):
         if t < 200:
@@ -246,4 +250,4 @@ def test_no_starvation_under_continuous_arrivals():
         if t >= 200 and not scheduler.has_unfinished_seqs():
             break
     assert not scheduler.has_unfinished_seqs() and len(started) == 200
-    assert max(started[i] - arrived[i] for i in arrived) <= config.max_waiting_tokens + 1
+    assert max(started[i] - arrived[i] for i in arrived) <= scheduler.max_waiting_tokens + 1
