@@ -4,6 +4,8 @@ Llama-3-8B-shaped model, random bf16 weights, fixed output lengths (no EOS), eng
 in-process (no HTTP). Measured:
 - the HBM copy bandwidth, and from it the batch-1 decode floor (weight bytes / bandwidth);
 - batch-1 decode ms/token (engine, and HF `generate`);
+- the engine's figures again with decode ahead off (each step launched only after the host
+  read the last one's tokens: the engine before engine/decode_ahead.py);
 - 64 x (512 in, 256 out) output tok/s (engine, HF static `generate`, HF continuous batching);
 - N chat-like requests (long-tailed lengths, all submitted at once) output tok/s (engine;
   over the first --hf-chat-requests: HF static `generate` in arrival-order batches of 64,
@@ -69,17 +71,21 @@ def engine_run(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]) 
     """Submit every request at once, run to the end; output tok/s over the wall time."""
     for i, (prompt, num_new) in enumerate(zip(prompts, outputs, strict=True)):
         engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=num_new))
+    runner = engine.model_runner
+    run_ahead, taken = runner.num_steps_run_ahead, runner.num_steps_ahead_taken
     torch.cuda.synchronize()
     start, num_tokens, steps = time.perf_counter(), 0, []
     while engine.has_unfinished_requests():
         step_start = time.perf_counter()
-        num_sampled = len(engine.step())  # the step ends with a device-to-host copy: synced
+        num_sampled = len(engine.step())  # returns once its tokens are on the host
         steps.append((engine.last_step_was_prefill, num_sampled, time.perf_counter() - step_start))
         num_tokens += num_sampled
     wall = time.perf_counter() - start
     assert num_tokens == sum(outputs), (num_tokens, sum(outputs))
     return {"output_tokens": num_tokens, "wall_s": round(wall, 3),
             "output_tok_s": round(num_tokens / wall, 1), "steps": len(steps),
+            "decode_steps_run_ahead": runner.num_steps_run_ahead - run_ahead,
+            "of_them_taken": runner.num_steps_ahead_taken - taken,
             "time_by_step_kind": step_breakdown(steps)}  # fmt: skip
 
 
@@ -101,16 +107,19 @@ def step_breakdown(steps: list[tuple[bool, int, float]]) -> dict:
 
 
 def engine_batch1_ms(engine: LLMEngine) -> float:
+    """ms per token of one request decoding alone, as its stream sees them: the wall time of
+    its decode steps over their number. No synchronisation between steps, which would stop
+    the engine from launching one step ahead (engine/decode_ahead.py)."""
     engine.add_request("b1", random_prompts([128], 5)[0], SamplingParams(max_new_tokens=128))
     engine.step()  # prefill
-    times = []
+    engine.step()  # the first decode, launched alone
+    torch.cuda.synchronize()
+    start, num_steps = time.perf_counter(), 0
     while engine.has_unfinished_requests():
-        torch.cuda.synchronize()
-        start = time.perf_counter()
         engine.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+        num_steps += 1
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / num_steps
 
 
 def hf_static(model, prompts: list[list[int]], outputs: list[int], batch: int = 64) -> dict:
@@ -239,6 +248,14 @@ def main() -> None:
     report["engine_64x512x256"] = engine_run(engine, *fixed)
     save()
     report["engine_chat"] = engine_run(engine, *chat)
+    save()
+    engine.model_runner.decode_ahead = False  # the same engine, one step at a time
+    # Same lengths, other tokens: the prefix cache must not serve the prompts run above.
+    report["one_step_at_a_time"] = {
+        "engine_batch1_ms_per_token": round(engine_batch1_ms(engine), 3),
+        "engine_64x512x256": engine_run(engine, random_prompts([512] * 64, 16), fixed[1]),
+        "engine_chat": engine_run(engine, random_prompts(list(map(len, chat[0])), 18), chat[1]),
+    }  # fmt: skip
     save()
     del engine
     torch.cuda.empty_cache()

@@ -38,6 +38,11 @@ class BatchInputBuilder:
             row[: len(seq.block_table)] = seq.block_table
         return torch.from_numpy(tables).to(self.device, non_blocking=True)
 
+    def slot(self, seq: Sequence, position: int) -> int:
+        """The cache slot of the sequence's token at `position`."""
+        block_id = seq.block_table[position // self.block_size]
+        return block_id * self.block_size + position % self.block_size
+
     def slots(self, seq: Sequence) -> list[int]:
         """Cache slots of all the sequence's tokens, in order (its blocks, the last one cut)."""
         slots: list[int] = []
@@ -76,10 +81,8 @@ class BatchInputBuilder:
     def prepare_decode(self, seqs: list[Sequence]) -> Inputs:
         """One token per sequence, the last one, whose K/V this step writes and reads back."""
         context_lens = [seq.num_tokens for seq in seqs]
-        slot_mapping = self.tensor(
-            [seq.block_table[-1] * self.block_size + seq.last_block_num_tokens - 1
-             for seq in seqs]
-        )  # fmt: skip
+        # By position, not from the last block: a lookahead block may follow the newest token's.
+        slot_mapping = self.tensor([self.slot(seq, seq.num_tokens - 1) for seq in seqs])
         if self.paged_decode:
             meta = AttentionMetadata(
                 is_prefill=False,

@@ -21,11 +21,17 @@ BlockKey = int  # chained hash of a full block's token ids and its prefix
 class BlockManager:
     """Free-list allocator of KV blocks; the block ids index the model runner's cache tensors."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+        num_lookahead_slots: int = 0,
+    ):  # fmt: skip
+        """`num_lookahead_slots`: positions past its newest token a decoding sequence's
+        blocks cover, for a step run before the host appends that token (decode_ahead.py)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_total_blocks = num_blocks
         self.block_size = block_size
+        self.num_lookahead_slots = num_lookahead_slots
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -107,8 +113,10 @@ class BlockManager:
         seq.num_cached_tokens = 0
 
     def num_append_blocks(self, seq: Sequence) -> int:
-        """Blocks a running sequence lacks for its current tokens (0 or 1 between steps)."""
-        return seq.num_blocks - len(seq.block_table)
+        """Blocks a running sequence lacks for its current tokens and lookahead slots (0 or
+        1 between steps)."""
+        num_blocks = -(-(seq.num_tokens + self.num_lookahead_slots) // self.block_size)
+        return max(num_blocks - len(seq.block_table), 0)
 
     def can_append(self, seq: Sequence) -> bool:
         return self.num_free_blocks >= self.num_append_blocks(seq)

@@ -29,6 +29,9 @@ class EngineConfig:
     # Decode batch sizes captured as CUDA graphs (CUDA, unsharded); None: TGI's default
     # buckets; (): eager decode.
     cuda_graphs: tuple[int, ...] | None = None
+    # With CUDA graphs, launch the next decode step before the host reads this one's tokens
+    # when the batch stays the same (engine/decode_ahead.py). Off: one step at a time.
+    decode_ahead: bool = True
     # Tensor parallelism: this process is rank 0 and spawns ranks 1..num_shard-1, which join
     # it over torch.distributed at tcp://master_addr:master_port (see engine/distributed.py).
     num_shard: int = 1

@@ -39,6 +39,7 @@ class DecodeGraphs:
         self.batch_sizes = sorted(set(batch_sizes))
         self.scratch_slot = scratch_slot
         device = kv_caches[0][0].device
+        self.block_size = kv_caches[0][0].shape[1]  # [num_blocks, block_size, heads, dim]
         n = self.batch_sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)  # [n]
         self.positions = torch.zeros(n, dtype=torch.long, device=device)  # [n]
@@ -82,7 +83,7 @@ class DecodeGraphs:
         meta: AttentionMetadata,  # decode metadata with block_tables and context_lens
     ) -> torch.Tensor:  # [b, vocab] logits (a view into the graph's output: use before next run)
         batch = input_ids.shape[0]
-        bucket = next(size for size in self.batch_sizes if size >= batch)
+        bucket = self._bucket(batch)
         assert meta.block_tables is not None and meta.context_lens is not None
         self.input_ids[:batch].copy_(input_ids)
         self.positions[:batch].copy_(positions)
@@ -92,5 +93,40 @@ class DecodeGraphs:
         self.context_lens[batch:bucket].fill_(1)
         width = meta.block_tables.shape[1]
         self.block_tables[:batch, :width].copy_(meta.block_tables)
+        return self.replay(batch)
+
+    def replay(self, batch: int) -> torch.Tensor:  # [batch, vocab], as `run`
+        """Run the graph on the inputs the static buffers hold."""
+        bucket = self._bucket(batch)
         self.graphs[bucket].replay()
         return self.logits[bucket][:batch]
+
+    def advance(
+        self,
+        token_ids: torch.Tensor,  # [b] the last step's samples, on the GPU
+        block_tables: torch.Tensor,  # [k, max_blocks] int32, the sequences that go on
+        keep_rows: list[int] | None = None,  # their rows in the last step; None: all b
+    ) -> None:
+        """Set the inputs of the step after the last one, on the GPU: each sequence fed the
+        token it sampled at its next position, whose block must be in `block_tables` (the
+        scheduler's lookahead slot, decode_ahead.py). Rows not kept are dropped, the others
+        packed in order."""
+        if keep_rows is not None:
+            keep = torch.tensor(keep_rows, device=token_ids.device)  # [k]
+            token_ids = token_ids[keep]
+            for buffer in (self.positions, self.context_lens):
+                buffer[: len(keep_rows)] = buffer[keep]
+        batch = token_ids.shape[0]
+        self.slot_mapping[batch : self._bucket(batch)].fill_(self.scratch_slot)
+        self.context_lens[batch : self._bucket(batch)].fill_(1)
+        # Host block tables may have grown since the buffers were last filled.
+        self.block_tables[:batch, : block_tables.shape[1]].copy_(block_tables)
+        self.input_ids[:batch].copy_(token_ids)
+        positions = self.positions[:batch]
+        positions += 1
+        self.context_lens[:batch] += 1
+        blocks = self.block_tables[:batch].gather(1, (positions // self.block_size)[:, None])
+        self.slot_mapping[:batch] = blocks[:, 0] * self.block_size + positions % self.block_size
+
+    def _bucket(self, batch: int) -> int:
+        return next(size for size in self.batch_sizes if size >= batch)

@@ -40,7 +40,8 @@ class LLMEngine:
             num_tokens = self.model_runner.num_kv_blocks * config.block_size
             config = replace(config, max_batch_total_tokens=num_tokens)
         self.config = config
-        self.scheduler = Scheduler(config)
+        # A step run ahead writes one position past each sequence's newest token.
+        self.scheduler = Scheduler(config, num_lookahead_slots=int(self.model_runner.decode_ahead))
         self.last_step_was_prefill = False
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -66,7 +67,7 @@ class LLMEngine:
         if not seqs:
             return []
         self.last_step_was_prefill = is_prefill  # for metrics: TGI's {method} label
-        out = self.model_runner.run(seqs, is_prefill)
+        out = self.model_runner.run(seqs, is_prefill, steady=self.scheduler.is_steady())
         if is_prefill:
             seqs = self.scheduler.finish_prefill(seqs)
         self.scheduler.postprocess(seqs, out.token_ids)

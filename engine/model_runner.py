@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 from engine.attention import AttentionMetadata
 from engine.batch_inputs import BatchInputBuilder
 from engine.config import EngineConfig
+from engine.decode_ahead import DeviceStep, can_run_ahead
 from engine.distributed import ShardGroup, init_process_group
 from engine.model_loader import load_model, resolve_device_dtype
 from engine.models.llama import KVCache
@@ -68,6 +69,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.inputs = BatchInputBuilder(self.block_size, self.device, self.device.type == "cuda")
         self.graphs = self._capture_graphs(config) if self._use_graphs else None
+        self.decode_ahead = config.decode_ahead and self.graphs is not None
+        self._ahead: DeviceStep | None = None  # a decode step launched before it was asked for
+        self.num_steps_run_ahead = 0  # launched early, and of those, taken by the next step:
+        self.num_steps_ahead_taken = 0  # for tests and benchmarks
 
     def _load(self, config: EngineConfig, model_config: PretrainedConfig) -> None:
         """Join the other shards, if any, load this rank's weights and allocate its cache."""
@@ -218,31 +223,32 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> RunOutput:
-        """Forward the batch (on every shard) and sample one token per sequence."""
+    def run(self, seqs: list[Sequence], is_prefill: bool, steady: bool = False) -> RunOutput:
+        """Forward the batch (on every shard) and sample one token per sequence. `steady`:
+        the scheduler will decode this same batch next unless a request ends or joins, so
+        the next step may be launched now (decode_ahead.py)."""
+        ahead, self._ahead = self._ahead, None
+        if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs)):
+            return self._run_graph_decode(seqs, ahead, steady)
         prepare = self.inputs.prepare_prefill if is_prefill else self.inputs.prepare_decode
         input_ids, positions, meta = prepare(seqs)
         if self.shards is not None:
             self.shards.broadcast((input_ids, positions, meta))
         prefill_logprobs: list[tuple[float | None, ...] | None] = [None] * len(seqs)
-        if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs)):
-            logits = self.graphs.run(input_ids, positions, meta)  # [b, vocab]
-        else:
-            hidden = self.forward(input_ids, positions, meta)  # [n, hidden]
-            if is_prefill:
-                # Only sequences whose chunk ends their prompt sample; the others read on.
-                assert meta.seq_lens is not None
-                prefill_logprobs = self._prefill_logprobs(hidden, seqs)
-                last = (torch.tensor(meta.seq_lens).cumsum(0) - 1).tolist()
-                rows = [row for row, seq in zip(last, seqs, strict=True) if seq.completes_prefill]
-                prefill_logprobs = [lp for lp, seq in zip(prefill_logprobs, seqs, strict=True)
-                                    if seq.completes_prefill]  # fmt: skip
-                seqs = [seq for seq in seqs if seq.completes_prefill]
-                if not seqs:
-                    return RunOutput([], [], [], [])
-                hidden = hidden[self.inputs.tensor(rows)]  # [b, hidden]
-            logits = self.model.compute_logits(hidden)  # [b, vocab]
-        sampled = self.sampler(logits, seqs)
+        hidden = self.forward(input_ids, positions, meta)  # [n, hidden]
+        if is_prefill:
+            # Only sequences whose chunk ends their prompt sample; the others read on.
+            assert meta.seq_lens is not None
+            prefill_logprobs = self._prefill_logprobs(hidden, seqs)
+            last = (torch.tensor(meta.seq_lens).cumsum(0) - 1).tolist()
+            rows = [row for row, seq in zip(last, seqs, strict=True) if seq.completes_prefill]
+            prefill_logprobs = [lp for lp, seq in zip(prefill_logprobs, seqs, strict=True)
+                                if seq.completes_prefill]  # fmt: skip
+            seqs = [seq for seq in seqs if seq.completes_prefill]
+            if not seqs:
+                return RunOutput([], [], [], [])
+            hidden = hidden[self.inputs.tensor(rows)]  # [b, hidden]
+        sampled = self.sampler(self.model.compute_logits(hidden), seqs)  # [b, vocab] logits
         # One device-to-host copy for both: the step's only synchronisation when no request
         # asks for top tokens or penalties.
         token_ids, logprobs = torch.stack(
@@ -254,3 +260,28 @@ class ModelRunner:
             top_tokens=sampled.top_tokens,
             prefill_logprobs=prefill_logprobs,
         )
+
+    def _run_graph_decode(
+        self, seqs: list[Sequence], ahead: DeviceStep | None, steady: bool
+    ) -> RunOutput:
+        """A decode step through the CUDA graphs: the one launched ahead for this batch if
+        there is one, else this one now; then, if it can, the next one ahead."""
+        assert self.graphs is not None
+        rows = ahead.rows_for(seqs) if ahead is not None else None
+        if ahead is not None and rows is not None:
+            step = ahead
+            self.num_steps_ahead_taken += 1
+        else:
+            input_ids, positions, meta = self.inputs.prepare_decode(seqs)
+            logits = self.graphs.run(input_ids, positions, meta)  # [b, vocab]
+            step = DeviceStep.enqueue(seqs, self.sampler(logits, seqs), ahead=0)
+        if self.decode_ahead and steady and all(can_run_ahead(seq) for seq in seqs):
+            # Sequences that finished since `step` was launched leave the graph's rows.
+            keep = None if rows is None or len(rows) == len(step.request_ids) else rows
+            self.graphs.advance(step.token_ids, self.inputs.block_tables(seqs), keep)
+            logits = self.graphs.replay(len(seqs))  # [b, vocab]
+            self._ahead = DeviceStep.enqueue(seqs, self.sampler(logits, seqs), ahead=1)
+            self.num_steps_run_ahead += 1
+        token_ids, logprobs = step.result(rows)
+        top_tokens = step.top_tokens if rows is None else [step.top_tokens[r] for r in rows]
+        return RunOutput(token_ids, logprobs, top_tokens, [None] * len(seqs))

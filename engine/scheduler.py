@@ -22,7 +22,7 @@ from engine.sequence import Sequence, SequenceStatus
 class Scheduler:
     """Owns the waiting and running queues and the block manager."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, num_lookahead_slots: int = 0) -> None:
         self.block_size = config.block_size
         self.max_batch_prefill_tokens = config.max_batch_prefill_tokens
         self.max_batch_size = config.max_batch_size
@@ -32,8 +32,9 @@ class Scheduler:
         # let them in counted as one.
         self.num_steps_since_join = 0
         self.block_manager = BlockManager(
-            config.num_kv_blocks, config.block_size, config.enable_prefix_caching
-        )
+            config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+            num_lookahead_slots,
+        )  # fmt: skip
         self.waiting: deque[Sequence] = deque()  # FIFO; preempted sequences go to the front
         self.running: deque[Sequence] = deque()  # oldest first, so the newest is running[-1]
         self.prefilling: deque[Sequence] = deque()  # hold all their blocks, prompt partly read
@@ -99,6 +100,11 @@ class Scheduler:
             self._last_step_was_prefill = True
             return prefill, True
         return [], False
+
+    def is_steady(self) -> bool:
+        """Whether the next schedule decodes the running batch again, as long as no request
+        arrives, ends or is aborted meanwhile: nothing waits and no prompt is half read."""
+        return not self.waiting and not self.prefilling
 
     def _may_join(self) -> bool:
         """TGI's admission rule (see EngineConfig.waiting_served_ratio), as its batching

@@ -77,10 +77,6 @@ class Sequence:
         return math.ceil(self.num_tokens / self.block_size)
 
     @property
-    def last_block_num_tokens(self) -> int:
-        return self.num_tokens - (self.num_blocks - 1) * self.block_size
-
-    @property
     def needs_prefill_logprobs(self) -> bool:
         """Asked for prompt logprobs and not yet given them: only a request's first prefill has
         no generated token (a preempted sequence is recomputed with at least one)."""

@@ -163,6 +163,11 @@ def convert_gguf(gguf: Path, target: Path, tokenizer_overrides: dict) -> None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
     for key, value in tokenizer_overrides.items():
         setattr(tokenizer, key, value)
+    # transformers 5 marks a model read from a GGUF file as quantized and refuses to save it;
+    # its weights are de-quantized already, and the config must not send the next load
+    # looking for a GGUF file.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
 

@@ -17,11 +17,11 @@ def make_seq(num_tokens: int, request_id: str = "r") -> Sequence:
 
 def test_sequence_derived_counts():
     seq = make_seq(5)
-    assert (seq.num_tokens, seq.num_blocks, seq.last_block_num_tokens) == (5, 2, 1)
+    assert (seq.num_tokens, seq.num_blocks) == (5, 2)
     seq.append_token(9)
     seq.append_token(9)
     seq.append_token(9)
-    assert (seq.num_tokens, seq.num_blocks, seq.last_block_num_tokens) == (8, 2, 4)
+    assert (seq.num_tokens, seq.num_blocks) == (8, 2)
     assert seq.completion_token_ids == [9, 9, 9]
     assert seq.num_completion_tokens == 3
 

@@ -41,3 +41,63 @@ def test_graphs_match_eager_through_the_buckets(tmp_path):
     graphs = _greedy_tokens(model_dir, (1, 2, 4), num_requests=11)  # batches 5..11 eager
     assert graphs == eager
     assert [len(eager[str(i)]) for i in range(11)] == [4 + 2 * i for i in range(11)]
+
+
+def _staggered_tokens(model_dir, decode_ahead: bool, eos_ids: frozenset[int]):
+    """8 requests, one joining every 9 steps, request 1 aborted at step 30: (tokens by
+    request, the engine)."""
+    config = EngineConfig(model_dir=str(model_dir), dtype="float32", device="cuda",
+                          cuda_graphs=(1, 2, 4, 8), decode_ahead=decode_ahead)  # fmt: skip
+    engine = LLMEngine(config)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 500, (3 + 5 * i,), generator=gen).tolist() for i in range(8)]
+    tokens: dict[str, list[int]] = {}
+    for step in range(400):
+        if step % 9 == 0 and (i := step // 9) < len(prompts):
+            params = SamplingParams(max_new_tokens=20 + 3 * i, eos_token_ids=eos_ids)
+            engine.add_request(str(i), prompts[i], params)
+            tokens[str(i)] = []
+        if step == 30:
+            engine.abort_request("1")
+        for token in engine.step():
+            tokens[token.request_id].append(token.token_id)
+        if len(tokens) == len(prompts) and not engine.has_unfinished_requests():
+            break
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    return tokens, engine
+
+
+@cuda
+def test_decode_ahead_gives_the_tokens_of_one_step_at_a_time(tmp_path):
+    model_dir, _ = random_model_dir(TINY_LLAMA, tmp_path / "tiny", torch.float32)
+    plain, _ = _staggered_tokens(model_dir, decode_ahead=False, eos_ids=frozenset())
+    # A token request 2 generates early, made EOS: requests end where no length predicts.
+    eos_ids = frozenset({plain["2"][6]})
+    expected, one_at_a_time = _staggered_tokens(model_dir, False, eos_ids)
+    got, ahead = _staggered_tokens(model_dir, True, eos_ids)
+    assert got == expected
+    assert len(expected["2"]) <= 7 and len(expected["1"]) < 23  # EOS, and the abort
+    assert one_at_a_time.model_runner.num_steps_run_ahead == 0
+    assert ahead.model_runner.num_steps_ahead_taken > 0
+
+
+@cuda
+def test_a_lone_request_decodes_ahead_at_every_step(tmp_path):
+    model_dir, _ = random_model_dir(TINY_LLAMA, tmp_path / "tiny", torch.float32)
+
+    def generate(decode_ahead: bool) -> tuple[list[int], LLMEngine]:
+        config = EngineConfig(model_dir=str(model_dir), dtype="float32", device="cuda",
+                              cuda_graphs=(1, 2), decode_ahead=decode_ahead)  # fmt: skip
+        engine = LLMEngine(config)
+        engine.add_request("r", list(range(3, 40)), SamplingParams(max_new_tokens=64))
+        tokens = [token.token_id for _ in range(80) for token in engine.step()]
+        assert not engine.has_unfinished_requests()
+        return tokens, engine
+
+    expected, _ = generate(decode_ahead=False)
+    tokens, engine = generate(decode_ahead=True)
+    assert tokens == expected and len(tokens) == 64
+    # The first decode runs alone; each one after it was launched by the one before,
+    # through block boundaries (every 16 tokens) too.
+    assert engine.model_runner.num_steps_ahead_taken == 64 - 2

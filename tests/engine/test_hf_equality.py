@@ -1,8 +1,12 @@
-"""The engine's greedy output is token-identical to transformers' `generate` (real model, fp32).
+"""The engine's greedy output is token-identical to transformers' `generate` (real model).
 
 Requests arrive while others are decoding, and a second run squeezes the KV cache so that
-sequences are preempted and recomputed; both must match HF run one prompt at a time.
+sequences are preempted and recomputed; both must match HF run one prompt at a time (fp32,
+CPU). On a machine with a CUDA GPU the same staggered run on the GPU (CUDA graphs, Triton
+kernels) must match HF on that GPU, token for token over 32 new tokens.
 """
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -44,7 +48,8 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def prompts(default_model_dir) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    chats = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in CHATS]
+    chats = [tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=False)
+             for c in CHATS]  # fmt: skip
     texts = [tokenizer(t)["input_ids"] for t in TEXTS]
     # Interleave so that long and short prompts arrive mixed.
     mixed = [p for pair in zip(chats, texts, strict=True) for p in pair]
@@ -52,23 +57,29 @@ def prompts(default_model_dir) -> list[list[int]]:
     return mixed
 
 
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 def max_new_tokens(i: int) -> int:
     return 24 + (5 * i) % 9
 
 
-@pytest.fixture(scope="module")
-def hf_outputs(default_model_dir, prompts) -> tuple[list[list[int]], frozenset[int]]:
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+def hf_greedy(
+    model_dir, prompts: list[list[int]], num_new: Callable[[int], int],
+    dtype: torch.dtype = torch.float32, device: str = "cpu",
+) -> tuple[list[list[int]], frozenset[int]]:  # fmt: skip
+    """HF `generate`, one prompt at a time: each prompt's new tokens, and the EOS ids."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     eos = model.generation_config.eos_token_id
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
     outputs = []
     with torch.inference_mode():
         for i, prompt in enumerate(prompts):
-            input_ids = torch.tensor([prompt])
+            input_ids = torch.tensor([prompt], device=device)
             out = model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens(i),
+                max_new_tokens=num_new(i),
                 do_sample=False,
                 pad_token_id=min(eos_ids),
             )
@@ -76,14 +87,22 @@ def hf_outputs(default_model_dir, prompts) -> tuple[list[list[int]], frozenset[i
     return outputs, eos_ids
 
 
-def run_staggered(engine: LLMEngine, prompts: list[list[int]], eos_ids) -> dict[str, list[int]]:
+@pytest.fixture(scope="module")
+def hf_outputs(default_model_dir, prompts) -> tuple[list[list[int]], frozenset[int]]:
+    return hf_greedy(default_model_dir, prompts, max_new_tokens)
+
+
+def run_staggered(
+    engine: LLMEngine, prompts: list[list[int]], eos_ids,
+    num_new: Callable[[int], int] = max_new_tokens,
+) -> dict[str, list[int]]:  # fmt: skip
     """Submit 4 requests, then one more every 3 steps while those decode; run to the end."""
     generated: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
 
     def submit() -> None:
         i, prompt = pending.pop(0)
-        params = SamplingParams(max_new_tokens=max_new_tokens(i), eos_token_ids=eos_ids)
+        params = SamplingParams(max_new_tokens=num_new(i), eos_token_ids=eos_ids)
         engine.add_request(f"req{i}", prompt, params)
         generated[f"req{i}"] = []
 
@@ -95,7 +114,7 @@ def run_staggered(engine: LLMEngine, prompts: list[list[int]], eos_ids) -> dict[
             submit()
         for token in engine.step():
             generated[token.request_id].append(token.token_id)
-            done = len(generated[token.request_id]) == max_new_tokens(int(token.request_id[3:]))
+            done = len(generated[token.request_id]) == num_new(int(token.request_id[3:]))
             assert (token.finish_reason is not None) == (done or token.token_id in eos_ids)
         num_steps += 1
     return generated
@@ -134,3 +153,26 @@ def test_preemption_under_a_small_cache_matches_hf(
     generated = run_staggered(engine, prompts, hf_outputs[1])
     assert num_preemptions, "the cache was meant to be too small to avoid preemption"
     assert_matches_hf(generated, hf_outputs, engine)
+
+
+@cuda
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "float32",
+        # On an H200 (2026-12-03) the engine's first bf16 token already differs: the fused
+        # Triton kernels (engine/triton_fused.py) answer "L'Etoile, ..." where the torch
+        # path and HF say "The capital of France is Paris." A known defect, not yet found.
+        pytest.param("bfloat16", marks=pytest.mark.xfail(strict=True, reason="fused bf16")),
+    ],
+)
+def test_on_cuda_matches_hf_on_the_same_gpu(default_model_dir, prompts, dtype):
+    def num_new(i: int) -> int:
+        return 32
+
+    expected = hf_greedy(default_model_dir, prompts, num_new, getattr(torch, dtype), "cuda")
+    config = EngineConfig(model_dir=str(default_model_dir), dtype=dtype, device="cuda",
+                          max_batch_prefill_tokens=256)  # fmt: skip
+    engine = LLMEngine(config)
+    generated = run_staggered(engine, prompts, expected[1], num_new)
+    assert_matches_hf(generated, expected, engine)
