@@ -7,14 +7,14 @@ appends them, schedules, builds the next inputs and launches the next graph: ~0.
 predictable -- the same sequences decode again and none needs the host between the two steps
 -- the runner enqueues it right behind the current one, feeding each sequence the token it
 just sampled on the device, and only then waits for the current step's tokens. The host's
-work then runs while the GPU computes.
+work then runs while the GPU computes (measured in docs/benchmarks.md).
 
-The early step counts only if the engine schedules exactly that batch next (`matches`). When
-it does not (a sequence hit EOS, was aborted or preempted, a request joined), the step is
-dropped. Its one side effect is the K/V it wrote at each sequence's next position: a slot of
-a block the sequence already holds (`can_run_ahead`), with the K/V of the token it did sample.
-A later step writes the same values there again, or the block is freed and reused by work
-queued after it on the same stream.
+The early step is taken if the next batch is that batch, or an ordered part of it once
+sequences that hit EOS or were aborted have left (`rows_for`); anything else (a request
+joined, one was preempted) drops it. Its one side effect is the K/V it wrote at each
+sequence's next position: a slot of a block the sequence already holds (`can_run_ahead`),
+with the K/V of the token it did sample. A later step writes the same values there again,
+or the block is freed and reused by work queued after it on the same stream.
 """
 
 from dataclasses import dataclass
