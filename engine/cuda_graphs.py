@@ -83,16 +83,12 @@ class DecodeGraphs:
         meta: AttentionMetadata,  # decode metadata with block_tables and context_lens
     ) -> torch.Tensor:  # [b, vocab] logits (a view into the graph's output: use before next run)
         batch = input_ids.shape[0]
-        bucket = self._bucket(batch)
         assert meta.block_tables is not None and meta.context_lens is not None
         self.input_ids[:batch].copy_(input_ids)
         self.positions[:batch].copy_(positions)
         self.slot_mapping[:batch].copy_(meta.slot_mapping)
-        self.slot_mapping[batch:bucket].fill_(self.scratch_slot)
         self.context_lens[:batch].copy_(meta.context_lens)
-        self.context_lens[batch:bucket].fill_(1)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:batch, :width].copy_(meta.block_tables)
+        self._set_block_tables_and_padding(meta.block_tables)
         return self.replay(batch)
 
     def replay(self, batch: int) -> torch.Tensor:  # [batch, vocab], as `run`
@@ -117,16 +113,23 @@ class DecodeGraphs:
             for buffer in (self.positions, self.context_lens):
                 buffer[: len(keep_rows)] = buffer[keep]
         batch = token_ids.shape[0]
-        self.slot_mapping[batch : self._bucket(batch)].fill_(self.scratch_slot)
-        self.context_lens[batch : self._bucket(batch)].fill_(1)
         # Host block tables may have grown since the buffers were last filled.
-        self.block_tables[:batch, : block_tables.shape[1]].copy_(block_tables)
+        self._set_block_tables_and_padding(block_tables)
         self.input_ids[:batch].copy_(token_ids)
         positions = self.positions[:batch]
         positions += 1
         self.context_lens[:batch] += 1
         blocks = self.block_tables[:batch].gather(1, (positions // self.block_size)[:, None])
         self.slot_mapping[:batch] = blocks[:, 0] * self.block_size + positions % self.block_size
+
+    def _set_block_tables_and_padding(self, block_tables: torch.Tensor) -> None:
+        """Write the batch's block tables ([b, width]) and make the rows up to its bucket
+        padding: K/V to the scratch slot, a context of one."""
+        batch, width = block_tables.shape
+        bucket = self._bucket(batch)
+        self.block_tables[:batch, :width].copy_(block_tables)
+        self.slot_mapping[batch:bucket].fill_(self.scratch_slot)
+        self.context_lens[batch:bucket].fill_(1)
 
     def _bucket(self, batch: int) -> int:
         return next(size for size in self.batch_sizes if size >= batch)
