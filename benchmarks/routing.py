@@ -31,11 +31,10 @@ from ray import serve
 from benchmarks.common import RESULTS_DIR, write_report
 from benchmarks.loadgen import Target, load_tokenizer, run_load
 from benchmarks.workload import WORDS, BenchRequest, LengthDist, make_requests
-from deployments.launcher import free_port
+from deployments.launcher import embedded_env, free_port
 from engine.weights import DEFAULT_MODEL_ID, resolve_model_dir
 from serve_app.app import build_app
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2"
 SERVER = f"TGIServer:{MODEL}"
 BLOCK_SIZE = 16  # the engine's KV block (engine/config.py): prefix hits count full blocks
@@ -48,8 +47,9 @@ ROUTERS = ("batching_aware", "power_of_two")
 @contextlib.contextmanager
 def local_serve(num_cpus: int = 2, **init_kwargs) -> Iterator[str]:
     """A fresh local Ray cluster with Serve's proxy on a free port; yields its base URL."""
-    # Every engine gets one thread: two replicas share this machine's two cores.
-    env = {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    # Every engine gets one thread: two replicas share this machine's two cores. Replicas
+    # import the project from its root, and what the driver's PYTHONPATH holds after it.
+    env = {"PYTHONPATH": embedded_env()["PYTHONPATH"], "OMP_NUM_THREADS": "1"}
     ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, **init_kwargs)
     port = free_port()
     try:
@@ -60,9 +60,13 @@ def local_serve(num_cpus: int = 2, **init_kwargs) -> Iterator[str]:
         ray.shutdown()
 
 
-def app_args(model_id: str, deployment: dict, launcher_args: dict, num_cpus: float = 0.25) -> dict:
+def app_args(
+    model_id: str, deployment: dict, launcher_args: dict, num_cpus: float = 0.25,
+    num_gpus: float = 0,
+) -> dict:  # fmt: skip
     """build_app's args: one model with the given deployment options and launcher flags."""
-    model = {"name": MODEL, "model_id": model_id, "resources": {"num_cpus": num_cpus},
+    resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    model = {"name": MODEL, "model_id": model_id, "resources": resources,
              "deployment": deployment, "launcher_args": launcher_args}  # fmt: skip
     return {"models": [model], "ingress": {"num_cpus": 0.1}}
 
@@ -234,11 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         help="how often each engine's load reaches the router (the app's default)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-id", default=DEFAULT_MODEL_ID)
+    p.add_argument("--num-cpus", type=int, default=2, help="the local Ray cluster's CPUs")
+    p.add_argument("--num-gpus", type=float, default=0,
+                   help="GPUs per replica; 0.25 puts all four engines on one GPU")  # fmt: skip
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     command = "python -m benchmarks.routing " + " ".join(argv or sys.argv[1:])
 
-    model_dir = resolve_model_dir(DEFAULT_MODEL_ID)
+    model_dir = resolve_model_dir(args.model_id)
     requests = skewed_requests(
         load_tokenizer(str(model_dir)), args.num_requests, args.input_len, args.short_tokens,
         args.long_tokens, args.long_share, args.seed,
@@ -247,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     launcher_args = {"max_input_tokens": 512, "max_total_tokens": 1024,
                      "max_batch_prefill_tokens": 1024,
                      "max_batch_total_tokens": args.max_batch_total_tokens}  # fmt: skip
-    with local_serve(log_to_driver=False) as base_url, contextlib.ExitStack() as apps:
+    cluster = local_serve(args.num_cpus, log_to_driver=False)
+    with cluster as base_url, contextlib.ExitStack() as apps:
         app_urls = {}
         for router in ROUTERS:
             deployment = {"num_replicas": 2, "request_router": router,
                           "routing_stats_period_s": args.routing_stats_period_s}  # fmt: skip
-            args_ = app_args(str(model_dir), deployment, launcher_args)
+            args_ = app_args(str(model_dir), deployment, launcher_args, num_gpus=args.num_gpus)
             app_urls[router] = apps.enter_context(deployed(base_url, router, args_))
         engines = {router: (url, engine_urls(router, 2)) for router, url in app_urls.items()}
         measured = asyncio.run(measure(engines, requests, prompts, args))
@@ -265,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "long_tokens": args.long_tokens, "long_share": args.long_share,
         "launcher_args": launcher_args, "seed": args.seed,
         "routing_stats_period_s": args.routing_stats_period_s,
+        "model_id": args.model_id, "num_gpus_per_replica": args.num_gpus,
         "prefix_workload": "8 system prompts of 250 words x 3 questions, one at a time",
     }  # fmt: skip
     report = write_report("routing", command, sides, {"workload": workload, "engines": seen},

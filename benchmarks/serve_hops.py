@@ -2,17 +2,26 @@
 engine and through `serve run serve_config.yaml` (proxy -> ingress -> TGIServer -> engine;
 GET /v1/models is answered by the ingress, so through Serve it is proxy -> ingress only).
 
-    python -m benchmarks.serve_hops
+    python -m benchmarks.serve_hops [--model-id DIR --num-gpus 1]
 """
 
+import argparse
 import signal
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
-from benchmarks.serve_vs_direct import SERVE_URL, start_serve_run, wait_for_engine
+from benchmarks.serve_vs_direct import (
+    SERVE_URL,
+    add_app_arguments,
+    app_config,
+    start_serve_run,
+    wait_for_engine,
+)
 
 CASES = [  # (name, path, body, stream); GET when body is None
     # Answered by the ingress itself through Serve: the proxy -> ingress hop alone.
@@ -42,17 +51,21 @@ def median_ms(url: str, path: str, body: dict, stream: bool, n: int = 40) -> flo
     return statistics.median(times[5:])
 
 
-def main() -> int:
-    serve_run = start_serve_run()
-    try:
-        direct = wait_for_engine(serve_run)
-        for name, path, body, stream in CASES:
-            d = median_ms(direct, path, body, stream)
-            s = median_ms(SERVE_URL, path, body, stream)
-            print(f"{name:22s} direct {d:7.2f} ms  serve {s:7.2f} ms  added {s - d:6.2f} ms")
-    finally:
-        serve_run.send_signal(signal.SIGINT)
-        serve_run.wait(timeout=120)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_app_arguments(p)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as config_dir:
+        serve_run = start_serve_run(app_config(args, Path(config_dir)))
+        try:
+            direct = wait_for_engine(serve_run)
+            for name, path, body, stream in CASES:
+                d = median_ms(direct, path, body, stream)
+                s = median_ms(SERVE_URL, path, body, stream)
+                print(f"{name:22s} direct {d:7.2f} ms  serve {s:7.2f} ms  added {s - d:6.2f} ms")
+        finally:
+            serve_run.send_signal(signal.SIGINT)
+            serve_run.wait(timeout=120)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Side by side (b): through Ray Serve (proxy → ingress → TGIServer) vs straight to the engine.
 
-One `serve run serve_config.yaml` (the user's app, as a subprocess); both sides hit the same
+One `serve run serve_config.yaml` (the user's app, as a subprocess; --model-id and --num-gpus
+serve another model, or on a GPU, from a copy of it); both sides hit the same
 engine process: through http://127.0.0.1:8000, or directly on the port its TGIServer
 replica started it on. Blocks of requests alternate between the sides (single requests at
 concurrency 1), so drift (thermal, caches, neighbours) falls on both. Two measurements:
@@ -23,20 +24,57 @@ from pathlib import Path
 
 import httpx
 import psutil
+import yaml
 
 from benchmarks.common import RESULTS_DIR, write_report
 from benchmarks.loadgen import Target, load_tokenizer, run_load
 from benchmarks.workload import BenchRequest, LengthDist, make_requests
+from engine.weights import DEFAULT_MODEL_ID
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_URL = "http://127.0.0.1:8000"
 
 
-def start_serve_run() -> subprocess.Popen:
-    serve = Path(sys.executable).with_name("serve")
+def app_config(args: argparse.Namespace, out_dir: Path) -> Path:
+    """serve_config.yaml, or a copy of it in out_dir with the model, GPUs, launcher args
+    and stream interval of the command line."""
+    default = REPO_ROOT / "serve_config.yaml"
+    if (
+        not (args.model_id or args.num_gpus or args.launcher_arg)
+        and args.stream_interval_ms is None
+    ):
+        return default
+    config = yaml.safe_load(default.read_text())
+    app_args = config["applications"][0]["args"]
+    model = app_args["models"][0]
+    model["model_id"] = args.model_id or model["model_id"]
+    model["resources"]["num_gpus"] = args.num_gpus
+    for name_value in args.launcher_arg:
+        name, _, value = name_value.partition("=")
+        model["launcher_args"][name] = yaml.safe_load(value)
+    if args.stream_interval_ms is not None:
+        app_args["ingress"]["stream_interval_ms"] = args.stream_interval_ms
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "serve_vs_direct_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def add_app_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `app_config`."""
+    p.add_argument("--model-id", help="serve this model instead of serve_config.yaml's")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs for the replica (default 0)")
+    p.add_argument("--stream-interval-ms", type=float, help="the ingress's stream_interval_ms")
+    p.add_argument("--launcher-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="set one of the model's launcher_args (repeatable)")  # fmt: skip
+
+
+def start_serve_run(config: Path) -> subprocess.Popen:
+    # `python -m` rather than the `serve` script: wherever Ray is importable, this runs.
     return subprocess.Popen(
-        [str(serve), "run", "serve_config.yaml"], cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, "-m", "ray.serve.scripts", "run", str(config)], cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )  # fmt: skip
 
 
@@ -112,12 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-requests-c32", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    add_app_arguments(p)
+    p.add_argument("--concurrency", type=int, nargs="+", choices=(1, 32), default=[1, 32])
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     command = "python -m benchmarks.serve_vs_direct " + " ".join(argv or sys.argv[1:])
 
-    tokenizer = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
-    serve_run = start_serve_run()
+    config = app_config(args, args.results_dir)
+    tokenizer = load_tokenizer(args.model_id or DEFAULT_MODEL_ID)
+    serve_run = start_serve_run(config)
     try:
         direct_url = wait_for_engine(serve_run)
         targets = {"direct": Target(direct_url, "tgi"), "serve": Target(SERVE_URL, "tgi")}
@@ -125,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             (1, args.num_requests_c1, "uniform:32:128", "fixed:16"),
             (32, args.num_requests_c32, "chat:96:512", "fixed:64"),
         ):
+            if concurrency not in args.concurrency:
+                continue
             requests = make_requests(tokenizer, num_requests, LengthDist.parse(input_len),
                                      LengthDist.parse(output_len), args.seed)  # fmt: skip
             alternate(targets, requests[:8], concurrency, 1, "w")  # warm-up, not reported
@@ -134,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             sides = alternate(targets, requests, concurrency, rounds, f"c{concurrency}")
             workload = {"concurrency": concurrency, "num_requests": num_requests,
                         "input_len": input_len, "output_len": output_len, "seed": args.seed,
-                        "rounds": rounds}  # fmt: skip
+                        "rounds": rounds, "model_id": args.model_id or DEFAULT_MODEL_ID,
+                        "num_gpus": args.num_gpus,
+                        "stream_interval_ms": args.stream_interval_ms,
+                        "launcher_args": args.launcher_arg}  # fmt: skip
             extra = {"workload": workload}
             if concurrency == 1:
                 extra["ttft_added_ms_paired"] = paired_ttft_added_ms(sides)

@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
 from deployments.autoscaling import EngineQueuePolicy
+from deployments.coalesce import join_ready
 from deployments.engine_load import EngineLoad
 from deployments.errors import TGIError
 from deployments.launcher import Launcher, embedded_env, free_port, launcher_command
@@ -186,6 +187,20 @@ class TGIServer:
                         if span.is_recording():
                             outcome.read_event(line)
                         yield f"{line}\n\n"
+
+    async def stream_sse(
+        self,
+        path: str,
+        request: dict[str, Any],
+        headers: dict[str, str] | None = None,
+        min_interval_s: float = 0,
+    ) -> AsyncIterator[dict[str, str] | str]:
+        """`stream` for the ingress's HTTP routes, where only the bytes matter: the x-*
+        headers, then SSE text of one or more whole events per item — those that came while
+        the last item was on its way, or within `min_interval_s` of it
+        (deployments/coalesce.py)."""
+        async for item in join_ready(self.stream(path, request, headers), min_interval_s):
+            yield item
 
     def _launcher_span(self, method: str, path: str, headers: dict[str, str] | None):
         return hop_span(self._tracing.tracer, f"{method} {path}", headers, self._span_attributes)

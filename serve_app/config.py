@@ -368,6 +368,11 @@ class IngressOptions(_Strict):
         "refuse requests over the engine's max_input_tokens / max_total_tokens with TGI's 422 "
         "before they are dispatched.",
     )  # fmt: skip
+    stream_interval_ms: float = Field(
+        0, ge=0, le=1000, description="Least time between two messages of one token stream "
+        "through Serve's hops: tokens that come sooner travel together. The first token "
+        "goes at once; 0: each token as soon as the path can take it.",
+    )  # fmt: skip
 
 
 class TracingOptions(_Strict):

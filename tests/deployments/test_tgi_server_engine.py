@@ -47,3 +47,29 @@ def test_api_key_and_payload_limit_are_enforced_by_the_engine(default_model_dir)
             server.__del__()
 
     asyncio.run(scenario())
+
+
+def test_stream_sse_gives_the_same_events_in_fewer_messages(default_model_dir):
+    cfg = ModelConfig(
+        name="smollm2",
+        model_id=str(default_model_dir),
+        launcher_args={"max_input_tokens": 64, "max_total_tokens": 128,
+                       "max_batch_total_tokens": 1024},  # fmt: skip
+    )
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 12}}
+
+    async def scenario():
+        server = TGIServer.__new__(TGIServer)
+        await server.__init__(cfg)
+        try:
+            events = [e async for e in server.stream("/generate_stream", body)]
+            items = [i async for i in server.stream_sse("/generate_stream", body, None, 0.3)]
+        finally:
+            server.__del__()
+        return events, items
+
+    events, items = asyncio.run(scenario())
+    assert isinstance(items[0], dict)  # the launcher's x-* headers come first, alone
+    assert len(events) == 1 + 12  # headers, 12 token events (the last with generated_text)
+    assert "".join(items[1:]) == "".join(events[1:])  # greedy: the same events, in order
+    assert 2 <= len(items[1:]) < 12  # the first token at once, the rest at most every 0.3 s
