@@ -15,8 +15,6 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from deployments.autoscaling import ENGINE_BATCH_TOKEN_USAGE, ENGINE_QUEUED_REQUESTS
 
 # EngineLoad field ← the engine's gauge. Real TGI exports the first four; the KV block
@@ -31,6 +29,7 @@ _GAUGES = {
     "num_free_blocks": "ray_tgi_kv_blocks_free",
     "num_total_blocks": "ray_tgi_kv_blocks_total",
 }
+_GAUGE_NAMES = frozenset(_GAUGES.values())
 _REQUIRED = ("num_queued", "num_running", "num_batch_max_tokens")
 
 
@@ -64,13 +63,16 @@ class EngineLoad:
 
     @classmethod
     def from_metrics_text(cls, text: str, reported_at: float | None = None) -> "EngineLoad":
-        """Parse an engine's Prometheus `/metrics` text. ValueError if a required gauge
-        (queue size, batch size, batch max tokens) is missing."""
+        """Read the gauges from an engine's Prometheus `/metrics` text. ValueError if a
+        required one (queue size, batch size, batch max tokens) is missing."""
+        # Only a few unlabelled `name value` lines matter: picking them out takes 0.1 ms,
+        # where prometheus-client's parser took 7 ms of the replica's event loop for the
+        # embedded engine's ~700 lines of histograms, every routing-stats period.
         values: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if not sample.labels:
-                    values[sample.name] = sample.value
+        for line in text.splitlines():
+            name, _, rest = line.partition(" ")
+            if name in _GAUGE_NAMES and rest:
+                values[name] = float(rest.split()[0])
         missing = [_GAUGES[f] for f in _REQUIRED if _GAUGES[f] not in values]
         if missing:
             raise ValueError(f"engine /metrics lacks {', '.join(missing)}")
