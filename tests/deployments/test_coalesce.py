@@ -1,6 +1,7 @@
 """join_ready: items pass at once, those that came while the reader was busy are joined."""
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -89,5 +90,5 @@ def test_with_a_least_interval_text_goes_first_at_once_then_together():
     assert received[0][1] == "e0 " and received[0][0] < 0.02
     assert "".join(text for _, text in received) == "".join(f"e{i} " for i in range(10))
     assert len(received) <= 4  # ~50 ms of text at most every 30 ms, instead of 10 messages
-    gaps = [b - a for (a, _), (b, _) in zip(received, received[1:])]
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(received)]
     assert min(gaps) >= 0.029

@@ -53,8 +53,11 @@ def test_stream_sse_gives_the_same_events_in_fewer_messages(default_model_dir):
     cfg = ModelConfig(
         name="smollm2",
         model_id=str(default_model_dir),
-        launcher_args={"max_input_tokens": 64, "max_total_tokens": 128,
-                       "max_batch_total_tokens": 1024},  # fmt: skip
+        launcher_args={
+            "max_input_tokens": 64,
+            "max_total_tokens": 128,
+            "max_batch_total_tokens": 1024,
+        },  # fmt: skip
     )
     body = {"inputs": "Hello", "parameters": {"max_new_tokens": 12}}
 
