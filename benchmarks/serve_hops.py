@@ -1,11 +1,13 @@
 """Where Serve's added latency goes: median latency of four kinds of request straight to the
 engine and through `serve run serve_config.yaml` (proxy -> ingress -> TGIServer -> engine;
-GET /v1/models is answered by the ingress, so through Serve it is proxy -> ingress only).
+GET /v1/models is answered by the ingress, so through Serve it is proxy -> ingress only);
+then /tokenize through Serve's handles from a driver, hop by hop.
 
     python -m benchmarks.serve_hops [--model-id DIR --num-gpus 1]
 """
 
 import argparse
+import asyncio
 import signal
 import statistics
 import sys
@@ -14,6 +16,8 @@ import time
 from pathlib import Path
 
 import httpx
+import ray
+from ray import serve
 
 from benchmarks.serve_vs_direct import (
     SERVE_URL,
@@ -51,6 +55,36 @@ def median_ms(url: str, path: str, body: dict, stream: bool, n: int = 40) -> flo
     return statistics.median(times[5:])
 
 
+def handle_hops_ms(n: int = 40) -> dict[str, float]:
+    """Medians of the same /tokenize through Serve's handles, from a driver attached to the
+    running cluster: one handle round trip alone, then each deployment's share."""
+    ray.init(address="auto", log_to_driver=False)
+    server = serve.get_deployment_handle("TGIServer:smollm2", "ray-tgi")
+    ingress = serve.get_app_handle("ray-tgi")
+    body = {"inputs": "Hello world"}
+    cases = {
+        "TGIServer handle, no engine call (placement)": lambda: server.placement.remote(),
+        "TGIServer handle, /tokenize": lambda: server.call.remote("POST", "/tokenize", body),
+        "ingress handle, /tokenize": lambda: ingress.call.remote("POST", "/tokenize", body),
+    }
+
+    async def timed(call) -> float:
+        times = []
+        for _ in range(n + 5):
+            start = time.perf_counter()
+            await call()
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times[5:])
+
+    async def run_all() -> dict[str, float]:
+        return {name: await timed(call) for name, call in cases.items()}
+
+    try:
+        return asyncio.run(run_all())
+    finally:
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_app_arguments(p)
@@ -63,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                 d = median_ms(direct, path, body, stream)
                 s = median_ms(SERVE_URL, path, body, stream)
                 print(f"{name:22s} direct {d:7.2f} ms  serve {s:7.2f} ms  added {s - d:6.2f} ms")
+            for name, ms in handle_hops_ms().items():
+                print(f"{name:46s} {ms:7.2f} ms")
         finally:
             serve_run.send_signal(signal.SIGINT)
             serve_run.wait(timeout=120)
