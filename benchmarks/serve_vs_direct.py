@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -54,7 +55,6 @@ def app_config(args: argparse.Namespace, out_dir: Path) -> Path:
         model["launcher_args"][name] = yaml.safe_load(value)
     if args.stream_interval_ms is not None:
         app_args["ingress"]["stream_interval_ms"] = args.stream_interval_ms
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "serve_vs_direct_config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     command = "python -m benchmarks.serve_vs_direct " + " ".join(argv or sys.argv[1:])
 
-    config = app_config(args, args.results_dir)
     tokenizer = load_tokenizer(args.model_id or DEFAULT_MODEL_ID)
-    serve_run = start_serve_run(config)
+    config_dir = tempfile.TemporaryDirectory()  # not beside the reports; removed below
+    serve_run = start_serve_run(app_config(args, Path(config_dir.name)))
     try:
         direct_url = wait_for_engine(serve_run)
         targets = {"direct": Target(direct_url, "tgi"), "serve": Target(SERVE_URL, "tgi")}
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             serve_run.wait(timeout=120)
         except subprocess.TimeoutExpired:
             serve_run.kill()
+        config_dir.cleanup()
     return 0
 
 

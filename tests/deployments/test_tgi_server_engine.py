@@ -57,7 +57,7 @@ def test_stream_sse_gives_the_same_events_in_fewer_messages(default_model_dir):
             "max_input_tokens": 64,
             "max_total_tokens": 128,
             "max_batch_total_tokens": 1024,
-        },  # fmt: skip
+        },
     )
     body = {"inputs": "Hello", "parameters": {"max_new_tokens": 12}}
 
