@@ -38,12 +38,9 @@ SERVE_URL = "http://127.0.0.1:8000"
 
 def app_config(args: argparse.Namespace, out_dir: Path) -> Path:
     """serve_config.yaml, or a copy of it in out_dir with the model, GPUs, launcher args
-    and stream interval of the command line."""
+    and other settings of the command line."""
     default = REPO_ROOT / "serve_config.yaml"
-    if (
-        not (args.model_id or args.num_gpus or args.launcher_arg)
-        and args.stream_interval_ms is None
-    ):
+    if not (args.model_id or args.num_gpus or args.launcher_arg or args.set):
         return default
     config = yaml.safe_load(default.read_text())
     app_args = config["applications"][0]["args"]
@@ -53,20 +50,30 @@ def app_config(args: argparse.Namespace, out_dir: Path) -> Path:
     for name_value in args.launcher_arg:
         name, _, value = name_value.partition("=")
         model["launcher_args"][name] = yaml.safe_load(value)
-    if args.stream_interval_ms is not None:
-        app_args["ingress"]["stream_interval_ms"] = args.stream_interval_ms
+    for path_value in args.set:
+        set_dotted(app_args, *path_value.split("=", 1))
     path = out_dir / "serve_vs_direct_config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def set_dotted(config: dict, path: str, value: str) -> None:
+    """config[a][b]... = value (YAML), for path "a.b..."; list indices are numbers."""
+    *parents, last = path.split(".")
+    for key in parents:
+        config = config[int(key)] if isinstance(config, list) else config.setdefault(key, {})
+    config[last] = yaml.safe_load(value)
 
 
 def add_app_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `app_config`."""
     p.add_argument("--model-id", help="serve this model instead of serve_config.yaml's")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs for the replica (default 0)")
-    p.add_argument("--stream-interval-ms", type=float, help="the ingress's stream_interval_ms")
     p.add_argument("--launcher-arg", action="append", default=[], metavar="NAME=VALUE",
                    help="set one of the model's launcher_args (repeatable)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="set any of the app's args by dotted path, e.g. ingress.num_replicas=2 "
+                   "or models.0.deployment.stream_messages_per_s=0 (repeatable)")  # fmt: skip
 
 
 def start_serve_run(config: Path) -> subprocess.Popen:
@@ -179,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                         "input_len": input_len, "output_len": output_len, "seed": args.seed,
                         "rounds": rounds, "model_id": args.model_id or DEFAULT_MODEL_ID,
                         "num_gpus": args.num_gpus,
-                        "stream_interval_ms": args.stream_interval_ms,
-                        "launcher_args": args.launcher_arg}  # fmt: skip
+                        "launcher_args": args.launcher_arg, "set": args.set}  # fmt: skip
             extra = {"workload": workload}
             if concurrency == 1:
                 extra["ttft_added_ms_paired"] = paired_ttft_added_ms(sides)

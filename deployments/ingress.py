@@ -193,7 +193,6 @@ class Ingress:
         # Read by RequestGuard for every request; API keys are resolved here, at start.
         self.guard_policy = GuardPolicy.from_options(options)
         self._token_budgets = TokenBudgets() if options.check_prompt_tokens else None
-        self._stream_interval_s = options.stream_interval_ms / 1000
         self._models = models
         self._names = list(models)
         self._created = int(time.time())
@@ -298,9 +297,7 @@ class Ingress:
         headers = current_trace_headers(headers)
         with serve_refusals_as_tgi_errors():
             if path == "/generate_stream" or (path in STREAMABLE and body.get("stream")):
-                stream = server.options(stream=True).stream_sse.remote(
-                    path, body, headers, self._stream_interval_s
-                )
+                stream = server.options(stream=True).stream_sse.remote(path, body, headers)
                 return await _sse_response(stream)
             return _reply(await _result(server.call.remote("POST", path, body, headers)))
 

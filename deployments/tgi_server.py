@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
 from deployments.autoscaling import EngineQueuePolicy
-from deployments.coalesce import join_ready
+from deployments.coalesce import MessageBudget
 from deployments.engine_load import EngineLoad
 from deployments.errors import TGIError
 from deployments.launcher import Launcher, embedded_env, free_port, launcher_command
@@ -95,6 +95,7 @@ class TGIServer:
         on: a span per call, its context passed on to the launcher (`traceparent`).
         """
         self.model_cfg = model_cfg
+        self._sse_budget = MessageBudget(model_cfg.deployment.stream_messages_per_s)
         weights_env: dict[str, str] = {}
         self._tracing = Tracing(tracing, component=f"TGIServer:{model_cfg.name}")
         self._span_attributes = {
@@ -189,17 +190,13 @@ class TGIServer:
                         yield f"{line}\n\n"
 
     async def stream_sse(
-        self,
-        path: str,
-        request: dict[str, Any],
-        headers: dict[str, str] | None = None,
-        min_interval_s: float = 0,
+        self, path: str, request: dict[str, Any], headers: dict[str, str] | None = None
     ) -> AsyncIterator[dict[str, str] | str]:
         """`stream` for the ingress's HTTP routes, where only the bytes matter: the x-*
         headers, then SSE text of one or more whole events per item — those that came while
-        the last item was on its way, or within `min_interval_s` of it
-        (deployments/coalesce.py)."""
-        async for item in join_ready(self.stream(path, request, headers), min_interval_s):
+        the last item was on its way, or within the interval this replica's streams share
+        (`deployment.stream_messages_per_s`, deployments/coalesce.py)."""
+        async for item in self._sse_budget.join(self.stream(path, request, headers)):
             yield item
 
     def _launcher_span(self, method: str, path: str, headers: dict[str, str] | None):

@@ -223,6 +223,12 @@ class DeploymentOptions(_Strict):
         None, ge=1, description="Requests each caller (ingress replica) may queue for this "
         "deployment's replicas before more are refused with 429 overloaded; default: unbounded.",
     )  # fmt: skip
+    stream_messages_per_s: float = Field(
+        500, ge=0, description="Messages a second one replica's HTTP token streams send "
+        "through Serve's hops, all together: with n streams open, a stream's tokens go at "
+        "most every n / this seconds (0.1 s at most), those that come sooner together. The "
+        "first token goes at once. 0: each token as soon as it comes.",
+    )  # fmt: skip
     max_surge_percent: int | None = Field(
         None, ge=0, le=100, description="On a `serve deploy` that changes this model, extra "
         "replicas (percent of the target count) Serve starts before it stops old ones; 100: "
@@ -367,11 +373,6 @@ class IngressOptions(_Strict):
         True, description="Count prompt tokens at the ingress (the model's tokenizer) and "
         "refuse requests over the engine's max_input_tokens / max_total_tokens with TGI's 422 "
         "before they are dispatched.",
-    )  # fmt: skip
-    stream_interval_ms: float = Field(
-        0, ge=0, le=1000, description="Least time between two messages of one token stream "
-        "through Serve's hops: tokens that come sooner travel together. The first token "
-        "goes at once; 0: each token as soon as the path can take it.",
     )  # fmt: skip
 
 
