@@ -104,8 +104,9 @@ STAND_IN = textwrap.dedent(
                     else:
                         event = {"index": i, "token": {"id": i, "text": text,
                                                        "logprob": 0.0, "special": False}}
-                        if i == n - 1:
-                            event["generated_text"] = "".join(TOKENS)
+                        if i == n - 1:  # "long": a last event longer than read buffers
+                            long = prompt == "long"
+                            event["generated_text"] = "x" * 300_000 if long else "".join(TOKENS)
                         line = f"data:{json.dumps(event)}\\n\\n"
                     self.wfile.write(line.encode())
                     self.wfile.flush()
@@ -236,6 +237,8 @@ def test_tgi_server_routes_and_errors(stand_in):
             assert all(e.startswith("data:") and e.endswith("\n\n") for e in events)
             tokens = [json.loads(e[5:])["token"]["text"] for e in events]
             assert "".join(tokens) == "The capital of France is Paris."
+            _, *events = [e async for e in server.stream("/generate_stream", {"inputs": "long"})]
+            assert len(json.loads(events[-1][5:])["generated_text"]) == 300_000  # one line
             chat = {"messages": [{"role": "user", "content": "hi"}]}
             answer = json.loads((await server.call("POST", "/v1/chat/completions", chat)).body)
             assert "Paris" in answer["choices"][0]["message"]["content"]
