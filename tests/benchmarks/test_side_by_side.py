@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import engine_vs_hf
 from benchmarks.loadgen import RequestResult
-from benchmarks.serve_vs_direct import paired_ttft_added_ms, tagged
+from benchmarks.serve_vs_direct import paired_ttft_added_ms, set_dotted, tagged
 from benchmarks.workload import BenchRequest
 
 pytestmark = pytest.mark.slow
@@ -48,3 +48,15 @@ def test_serve_vs_direct_pairs_each_request_with_its_twin():
     serve = [result(0.5, 0.805), result(1.5, 1.700), result(2.5, 3.010)]
     added = paired_ttft_added_ms({"direct": (direct, 3.0), "serve": (serve, 3.0)})
     assert added == {"p10": 5.0, "p50": 10.0, "p90": 100.0}
+
+
+def test_set_dotted_reaches_into_the_app_args_by_path():
+    app_args = {"ingress": {"num_cpus": 0.1}, "models": [{"deployment": {"num_replicas": 1}}]}
+    set_dotted(app_args, "ingress.num_replicas", "2")
+    set_dotted(app_args, "models.0.deployment.stream_messages_per_s", "0")
+    set_dotted(app_args, "models.0.launcher_args.max_batch_total_tokens", "1280")
+    assert app_args == {
+        "ingress": {"num_cpus": 0.1, "num_replicas": 2},
+        "models": [{"deployment": {"num_replicas": 1, "stream_messages_per_s": 0},
+                    "launcher_args": {"max_batch_total_tokens": 1280}}],
+    }  # fmt: skip
