@@ -48,8 +48,7 @@ def app_config(args: argparse.Namespace, out_dir: Path) -> Path:
     model["model_id"] = args.model_id or model["model_id"]
     model["resources"]["num_gpus"] = args.num_gpus
     for name_value in args.launcher_arg:
-        name, _, value = name_value.partition("=")
-        model["launcher_args"][name] = yaml.safe_load(value)
+        set_dotted(model["launcher_args"], *name_value.split("=", 1))
     for path_value in args.set:
         set_dotted(app_args, *path_value.split("=", 1))
     path = out_dir / "serve_vs_direct_config.yaml"
