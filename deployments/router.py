@@ -42,7 +42,7 @@ from ray.serve.request_router import (
 
 from deployments.engine_load import EngineLoad
 from deployments.routed_request import RoutedRequest, read_routed_request
-from deployments.routing_state import InFlightLedger, PrefixIndex
+from deployments.routing_state import InFlightLedger, PrefixIndex, Unreported
 
 TGI_WAITING_SERVED_RATIO = 0.3  # text-generation-launcher's default, and the engine's
 
@@ -148,6 +148,36 @@ def rank_replicas(
     return ranked
 
 
+def replica_loads(
+    reports: dict[Hashable, EngineLoad | None],
+    unreported: dict[Hashable, Unreported],
+    request_tokens: int,
+    request_new_tokens: int,
+    default_max_new_tokens: int,
+    default_capacity_tokens: int,
+    waiting_served_ratio: float,
+) -> dict[Hashable, ReplicaLoad]:
+    """What the ranking knows of each replica: its last report (None: none yet) plus what
+    this router sent it since (`InFlightLedger.unreported`), for a request of
+    `request_tokens` (0: not a generation), `request_new_tokens` of them generated."""
+    capacities = [load.max_batch_total_tokens for load in reports.values() if load]
+    # Replicas of one deployment share a configuration: one that has not reported yet
+    # most likely has the capacity the others report.
+    capacity = max((c for c in capacities if c), default=default_capacity_tokens)
+    by_replica = {}
+    for r, load in reports.items():
+        sent = unreported[r]
+        score = load_score(load, sent.num_tokens, default_max_new_tokens, capacity)
+        reported = load.num_running + load.num_queued if load else 0
+        room = has_kv_room(load, score, request_tokens, request_new_tokens, sent.num_tokens,
+                           capacity)  # fmt: skip
+        by_replica[r] = ReplicaLoad(
+            score=score, num_requests=max(reported + sent.num_requests, 0), has_room=room,
+            joins_at_once=joins_at_once(load, sent.num_requests, waiting_served_ratio),
+        )  # fmt: skip
+    return by_replica
+
+
 class TGIRequestRouter(FIFOMixin, RequestRouter):
     """Batching-aware ranking with prefix affinity; see the module docstring.
 
@@ -230,28 +260,16 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
     ) -> dict[Hashable, ReplicaLoad]:
         """Each replica's load, given a request of `request_tokens` (0: not a generation),
         `request_new_tokens` of them generated."""
-        loads = {r.replica_id: EngineLoad.from_routing_stats(r.routing_stats) for r in replicas}
+        reports = {r.replica_id: EngineLoad.from_routing_stats(r.routing_stats) for r in replicas}
         unreported = self._ledger.unreported(
-            {r: load.reported_at if load else None for r, load in loads.items()},
+            {r: load.reported_at if load else None for r, load in reports.items()},
             self._get_curr_time_s(),
         )
-        capacities = [load.max_batch_total_tokens for load in loads.values() if load]
-        # Replicas of one deployment share a configuration: one that has not reported
-        # yet most likely has the capacity the others report.
-        capacity = max((c for c in capacities if c), default=self._default_capacity_tokens)
-        by_replica = {}
-        for r, load in loads.items():
-            score = load_score(load, unreported[r].num_tokens, self._default_max_new_tokens,
-                               capacity)  # fmt: skip
-            reported = load.num_running + load.num_queued if load else 0
-            room = has_kv_room(load, score, request_tokens, request_new_tokens,
-                               unreported[r].num_tokens, capacity)  # fmt: skip
-            joins = joins_at_once(load, unreported[r].num_requests, self._waiting_served_ratio)
-            by_replica[r] = ReplicaLoad(
-                score=score, num_requests=max(reported + unreported[r].num_requests, 0),
-                has_room=room, joins_at_once=joins,
-            )  # fmt: skip
-        return by_replica
+        return replica_loads(
+            reports, unreported, request_tokens, request_new_tokens,
+            self._default_max_new_tokens, self._default_capacity_tokens,
+            self._waiting_served_ratio,
+        )  # fmt: skip
 
     def _estimate_tokens(self, request: RoutedRequest) -> int:
         return request.estimate_tokens(self._chars_per_token, self._default_max_new_tokens)
