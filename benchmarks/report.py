@@ -7,7 +7,7 @@ import numpy as np
 PERCENTILES = (50, 90, 99)
 
 
-def _percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
+def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
     """p50/p90/p99 of `values` (seconds), in milliseconds by default; None when empty."""
     if not values:
         return {f"p{p}": None for p in PERCENTILES}
@@ -32,9 +32,9 @@ def summarize(results, wall_s: float) -> dict:
         "num_prompt_tokens": sum(r.num_prompt_tokens for r in ok),
         "output_tok_s": round(num_output_tokens / wall_s, 2) if wall_s else 0.0,
         "requests_s": round(len(ok) / wall_s, 3) if wall_s else 0.0,
-        "ttft_ms": _percentiles(ttft),
-        "itl_ms": _percentiles(itl),
-        "e2e_ms": _percentiles(e2e),
+        "ttft_ms": percentiles(ttft),
+        "itl_ms": percentiles(itl),
+        "e2e_ms": percentiles(e2e),
     }
 
 

@@ -32,6 +32,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from benchmarks.common import RESULTS_DIR, machine
+from benchmarks.report import percentiles
 from deployments.engine_load import EngineLoad
 from deployments.router import TGI_WAITING_SERVED_RATIO, rank_replicas, replica_loads
 from deployments.routing_state import InFlightLedger
@@ -250,11 +251,6 @@ def simulate(requests: list[SimRequest], router_name: str, kv_tokens: int, timin
     return [first_token_s[r.request_id] - r.arrival_s + timing.serve_overhead_s for r in requests]
 
 
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kv", type=int, nargs="+", default=[1280, 2048],
@@ -271,11 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     for kv, share, rate in itertools.product(args.kv, args.long_share, args.rate):
         for seed in range(args.seeds):
             requests = poisson_workload(args.num_requests, rate, share, seed)
-            ttft_ms = {name: [t * 1000 for t in simulate(requests, name, kv, timing,
-                                                          args.report_period_s, seed)]
-                       for name in ROUTERS}  # fmt: skip
-            p99 = {name: round(percentile(t, 0.99), 1) for name, t in ttft_ms.items()}
-            p50 = {name: round(percentile(t, 0.5), 1) for name, t in ttft_ms.items()}
+            ttft = {name: percentiles(simulate(requests, name, kv, timing, args.report_period_s,
+                                               seed)) for name in ROUTERS}  # fmt: skip
+            p99 = {name: round(t["p99"], 1) for name, t in ttft.items()}
+            p50 = {name: round(t["p50"], 1) for name, t in ttft.items()}
             rows.append({"kv": kv, "long_share": share, "rate": rate, "seed": seed,
                          "ttft_p50_ms": p50, "ttft_p99_ms": p99})  # fmt: skip
             print(f"kv {kv} long {share} rate {rate} seed {seed}: TTFT p99 "
