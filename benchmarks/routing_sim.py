@@ -89,7 +89,8 @@ class SimEngine:
 
     def step(self, now: float, timing: Timing) -> tuple[float, list[Sequence]]:
         """Run one step from `now` (there must be work): (its end, the sequences that got
-        a token)."""
+        a token). The scheduler moves to the step's outcome at once; its tokens count from
+        the step's end (a report taken meanwhile is up to one step early)."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:  # the Scheduler always has a step for unfinished sequences
             raise RuntimeError("the scheduler has sequences but no step")
@@ -143,6 +144,7 @@ class BatchingAware:
     def choose(self, request: SimRequest, now: float) -> int:
         reported_at = {r: load.reported_at if load else None for r, load in self._reports.items()}
         num_tokens = request.num_prompt_tokens + request.max_new_tokens
+        # 256 and 16,384: TGIRequestRouter's defaults (unused here: every replica reports).
         loads = replica_loads(
             self._reports, self._ledger.unreported(reported_at, now), num_tokens,
             request.max_new_tokens, 256, 16_384, TGI_WAITING_SERVED_RATIO,
