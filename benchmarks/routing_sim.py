@@ -144,7 +144,7 @@ class BatchingAware:
     def choose(self, request: SimRequest, now: float) -> int:
         reported_at = {r: load.reported_at if load else None for r, load in self._reports.items()}
         num_tokens = request.num_prompt_tokens + request.max_new_tokens
-        # 256 and 16,384: TGIRequestRouter's defaults (unused here: every replica reports).
+        # 256 and 16,384: TGIRequestRouter's defaults for requests and capacities not reported.
         loads = replica_loads(
             self._reports, self._ledger.unreported(reported_at, now), num_tokens,
             request.max_new_tokens, 256, 16_384, TGI_WAITING_SERVED_RATIO,
