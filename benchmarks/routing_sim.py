@@ -37,6 +37,7 @@ from deployments.engine_load import EngineLoad
 from deployments.router import TGI_WAITING_SERVED_RATIO, rank_replicas, replica_loads
 from deployments.routing_state import InFlightLedger
 from engine.config import EngineConfig
+from engine.llm_engine import scheduler_stats
 from engine.protocol import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -102,14 +103,13 @@ class SimEngine:
         return end, seqs
 
     def load(self, now: float) -> EngineLoad:
-        """What its /metrics would report now (engine/llm_engine.py `stats`)."""
-        s = self.scheduler
-        batch = [*s.running, *s.prefilling]
+        """What its /metrics would report now: the engine's own `scheduler_stats`."""
+        stats = scheduler_stats(self.scheduler, self.kv_tokens)
         return EngineLoad(
-            num_queued=len(s.waiting), num_running=len(batch),
-            num_batch_max_tokens=sum(seq.max_num_tokens for seq in batch), reported_at=now,
-            max_batch_total_tokens=self.kv_tokens, num_free_blocks=s.block_manager.num_free_blocks,
-            num_total_blocks=s.block_manager.num_total_blocks,
+            num_queued=stats.num_waiting, num_running=stats.num_running,
+            num_batch_max_tokens=stats.num_batch_max_tokens, reported_at=now,
+            max_batch_total_tokens=stats.max_batch_total_tokens,
+            num_free_blocks=stats.num_free_blocks, num_total_blocks=stats.num_total_blocks,
         )  # fmt: skip
 
 

@@ -30,6 +30,22 @@ class EngineStats:
     max_batch_total_tokens: int
 
 
+def scheduler_stats(scheduler: Scheduler, max_batch_total_tokens: int) -> EngineStats:
+    """The load of a scheduler's queues and KV cache (benchmarks.routing_sim reads it too)."""
+    batch = [*scheduler.running, *scheduler.prefilling]
+    return EngineStats(
+        num_waiting=len(scheduler.waiting),
+        num_running=len(batch),
+        num_batch_tokens=sum(seq.num_tokens for seq in batch),
+        num_batch_max_tokens=sum(seq.max_num_tokens for seq in batch),
+        num_free_blocks=scheduler.block_manager.num_free_blocks,
+        num_total_blocks=scheduler.block_manager.num_total_blocks,
+        num_prefix_lookups=scheduler.block_manager.num_prefix_lookups,
+        num_prefix_hits=scheduler.block_manager.num_prefix_hits,
+        max_batch_total_tokens=max_batch_total_tokens,
+    )
+
+
 class LLMEngine:
     """Continuous-batching generation over a paged KV cache, one `step()` at a time."""
 
@@ -88,16 +104,4 @@ class LLMEngine:
         return steps
 
     def stats(self) -> EngineStats:
-        scheduler = self.scheduler
-        batch = [*scheduler.running, *scheduler.prefilling]
-        return EngineStats(
-            num_waiting=len(scheduler.waiting),
-            num_running=len(batch),
-            num_batch_tokens=sum(seq.num_tokens for seq in batch),
-            num_batch_max_tokens=sum(seq.max_num_tokens for seq in batch),
-            num_free_blocks=scheduler.block_manager.num_free_blocks,
-            num_total_blocks=scheduler.block_manager.num_total_blocks,
-            num_prefix_lookups=scheduler.block_manager.num_prefix_lookups,
-            num_prefix_hits=scheduler.block_manager.num_prefix_hits,
-            max_batch_total_tokens=self.config.max_batch_total_tokens,
-        )
+        return scheduler_stats(self.scheduler, self.config.max_batch_total_tokens)
