@@ -4,7 +4,9 @@ Logits first go through the processors and warpers (engine/logits_processors.py)
 then take the argmax; sampling rows draw by inverse CDF with one uniform number per row, taken
 from the request's own `torch.Generator` when it has a seed, so a seeded request draws the same
 numbers whatever else shares its batch. Logprobs, of the chosen token and of the top tokens,
-are those of the processed distribution, as TGI reports them.
+are those of the processed distribution, as TGI reports them. A batch of greedy rows with no
+top tokens needs only each row's top token and its logprob: on CUDA, two small Triton launches
+(engine/triton_sampling.py) instead of a log_softmax and an argmax over the whole vocabulary.
 """
 
 from dataclasses import dataclass
@@ -14,6 +16,10 @@ import torch
 from engine.logits_processors import process_logits
 from engine.protocol import SamplingParams
 from engine.sequence import Sequence
+
+_HAS_TRITON = torch.cuda.is_available()
+if _HAS_TRITON:
+    from engine import triton_sampling
 
 TopTokens = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
@@ -53,9 +59,13 @@ class Sampler:
         seqs: list[Sequence],  # the rows' requests: parameters and token ids so far
     ) -> SamplerOutput:
         scores = process_logits(logits, seqs)  # [b, vocab] float32
+        sample_rows = [i for i, seq in enumerate(seqs) if not seq.params.is_greedy]
+        top_ns = [seq.params.top_n_tokens for seq in seqs]
+        if not sample_rows and not any(top_ns):  # no row needs its whole distribution
+            token_ids, chosen_logprobs = argmax_logprob(scores)
+            return SamplerOutput(token_ids, chosen_logprobs, [()] * len(seqs))
         logprobs = torch.log_softmax(scores, dim=-1)  # [b, vocab]
         token_ids = scores.argmax(dim=-1)  # [b]
-        sample_rows = [i for i, seq in enumerate(seqs) if not seq.params.is_greedy]
         if sample_rows:
             rows = torch.tensor(sample_rows, device=logits.device)
             uniforms = torch.stack(
@@ -69,8 +79,18 @@ class Sampler:
         return SamplerOutput(
             token_ids=token_ids,
             logprobs=logprobs.gather(1, token_ids[:, None])[:, 0],
-            top_tokens=top_n_tokens(logprobs, [seq.params.top_n_tokens for seq in seqs]),
+            top_tokens=top_n_tokens(logprobs, top_ns),
         )
+
+
+def argmax_logprob(
+    scores: torch.Tensor,  # [b, vocab] float32
+) -> tuple[torch.Tensor, torch.Tensor]:  # [b] int64, [b] float32
+    """Each row's top token (the first, on a tie) and its log-probability under the row."""
+    if _HAS_TRITON and scores.is_cuda:
+        return triton_sampling.argmax_logprob(scores.contiguous())
+    token_ids = scores.argmax(dim=-1)
+    return token_ids, torch.log_softmax(scores, dim=-1).gather(1, token_ids[:, None])[:, 0]
 
 
 def sample_inverse_cdf(

@@ -50,3 +50,24 @@ def test_kernel_matches_sdpa_over_gathered_context(dtype, heads):
     got = paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale).float()
     tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3  # tl.dot runs tf32 on fp32
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+
+
+@cuda
+@pytest.mark.parametrize("splits", [2, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_contexts_give_the_same_attention(dtype, splits):
+    # More splits than a short context has tiles (empty splits), and uneven shares.
+    from engine.triton_paged_attention import paged_decode_attention
+
+    q, k_cache, v_cache, meta, block_tables, lens = _case([1, 65, 700, 2049], 32, 8, 128, dtype)
+    expected = decode_attention(q, k_cache, v_cache, meta, 128**-0.5).float()
+    got = paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, splits)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@cuda
+def test_small_batches_split_and_large_ones_do_not():
+    from engine.triton_paged_attention import num_splits
+
+    assert [num_splits(b, 8, 132) for b in (1, 2, 4, 8, 9, 64)] == [16, 8, 4, 2, 1, 1]
