@@ -17,9 +17,9 @@ import httpx
 import psutil
 
 from benchmarks.serve_vs_direct import (
-    SERVE_URL,
     add_app_arguments,
     app_config,
+    serve_url,
     start_serve_run,
     wait_for_engine,
 )
@@ -39,10 +39,12 @@ def serve_processes(serve_run: psutil.Process) -> dict[str, psutil.Process]:
     return found
 
 
-async def stream_requests(num_requests: int, concurrency: int, max_new_tokens: int) -> int:
-    """Closed loop of streamed requests through Serve; the number of events received."""
+async def stream_requests(
+    url: str, num_requests: int, concurrency: int, max_new_tokens: int
+) -> int:
+    """Closed loop of streamed requests through Serve at `url`; the number of events received."""
     slots = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=SERVE_URL, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
 
         async def one(i: int) -> int:
             # A chat turn asking for a long answer: it runs to max_new_tokens.
@@ -59,14 +61,14 @@ async def stream_requests(num_requests: int, concurrency: int, max_new_tokens: i
 
 
 def cpu_ms_per_request(
-    args: argparse.Namespace, serve_run: psutil.Process
+    args: argparse.Namespace, serve_run: psutil.Process, url: str
 ) -> tuple[dict[str, float], float]:
     """CPU ms per request of each process, and the events (tokens) a request got."""
     processes = serve_processes(serve_run)
-    asyncio.run(stream_requests(8, args.concurrency, args.max_new_tokens))  # warm-up
+    asyncio.run(stream_requests(url, 8, args.concurrency, args.max_new_tokens))  # warm-up
     before = {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
     num_events = asyncio.run(
-        stream_requests(args.num_requests, args.concurrency, args.max_new_tokens)
+        stream_requests(url, args.num_requests, args.concurrency, args.max_new_tokens)
     )
     per_request = {
         name: (sum(p.cpu_times()[:2]) - before[name]) * 1000 / args.num_requests
@@ -83,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=8)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as config_dir:
-        serve_run = start_serve_run(app_config(args, Path(config_dir)))
+        serve_run = start_serve_run(app_config(args, Path(config_dir)), args.direct_ingress)
         try:
             wait_for_engine(serve_run)
-            per_request, tokens = cpu_ms_per_request(args, psutil.Process(serve_run.pid))
+            url = serve_url(serve_run, args.direct_ingress)
+            per_request, tokens = cpu_ms_per_request(args, psutil.Process(serve_run.pid), url)
         finally:
             serve_run.send_signal(signal.SIGINT)
             serve_run.wait(timeout=120)

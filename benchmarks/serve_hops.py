@@ -1,9 +1,11 @@
 """Where Serve's added latency goes: median latency of four kinds of request straight to the
 engine and through `serve run serve_config.yaml` (proxy -> ingress -> TGIServer -> engine;
 GET /v1/models is answered by the ingress, so through Serve it is proxy -> ingress only);
-then /tokenize through Serve's handles from a driver, hop by hop.
+then /tokenize through Serve's handles from a driver, hop by hop. With --direct-ingress the
+HTTP requests go to the ingress replica's own port instead (no proxy).
 
-    python -m benchmarks.serve_hops [--model-id DIR --num-gpus 1]
+    [RAY_SERVE_THROUGHPUT_OPTIMIZED=1] python -m benchmarks.serve_hops [--model-id DIR
+        --num-gpus 1] [--direct-ingress]
 """
 
 import argparse
@@ -20,9 +22,9 @@ import ray
 from ray import serve
 
 from benchmarks.serve_vs_direct import (
-    SERVE_URL,
     add_app_arguments,
     app_config,
+    serve_url,
     start_serve_run,
     wait_for_engine,
 )
@@ -90,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     add_app_arguments(p)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as config_dir:
-        serve_run = start_serve_run(app_config(args, Path(config_dir)))
+        serve_run = start_serve_run(app_config(args, Path(config_dir)), args.direct_ingress)
         try:
             direct = wait_for_engine(serve_run)
+            through_serve = serve_url(serve_run, args.direct_ingress)
             for name, path, body, stream in CASES:
                 d = median_ms(direct, path, body, stream)
-                s = median_ms(SERVE_URL, path, body, stream)
+                s = median_ms(through_serve, path, body, stream)
                 print(f"{name:22s} direct {d:7.2f} ms  serve {s:7.2f} ms  added {s - d:6.2f} ms")
             for name, ms in handle_hops_ms().items():
                 print(f"{name:46s} {ms:7.2f} ms")

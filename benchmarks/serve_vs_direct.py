@@ -2,8 +2,9 @@
 
 One `serve run serve_config.yaml` (the user's app, as a subprocess; --model-id and --num-gpus
 serve another model, or on a GPU, from a copy of it); both sides hit the same
-engine process: through http://127.0.0.1:8000, or directly on the port its TGIServer
-replica started it on. Blocks of requests alternate between the sides (single requests at
+engine process: through http://127.0.0.1:8000 (or, with --direct-ingress, the ingress
+replica's own port: no proxy hop), or directly on the port its TGIServer replica started it
+on. Blocks of requests alternate between the sides (single requests at
 concurrency 1), so drift (thermal, caches, neighbours) falls on both. Two measurements:
   - TTFT p50 added by Serve at concurrency 1 (short prompts and outputs);
   - output tok/s kept through Serve at concurrency 32.
@@ -14,6 +15,7 @@ Writes results/serve_vs_direct_c1.json and _c32.json (+ .png).
 
 import argparse
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -73,15 +75,39 @@ def add_app_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="set any of the app's args by dotted path, e.g. ingress.num_replicas=2 "
                    "or models.0.deployment.stream_messages_per_s=0 (repeatable)")  # fmt: skip
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="run Serve with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and send the Serve "
+                   "side to the ingress replica's own port: no proxy hop")  # fmt: skip
 
 
-def start_serve_run(config: Path) -> subprocess.Popen:
+def start_serve_run(config: Path, direct_ingress: bool = False) -> subprocess.Popen:
     # `python -m` rather than the `serve` script: wherever Ray is importable, this runs.
+    env = {**os.environ, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"} if direct_ingress else None
     return subprocess.Popen(
         [sys.executable, "-m", "ray.serve.scripts", "run", str(config)], cwd=REPO_ROOT,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        start_new_session=True, env=env,
     )  # fmt: skip
+
+
+def serve_url(serve_run: subprocess.Popen, direct_ingress: bool) -> str:
+    """Where the Serve side's requests go: the proxy, or with direct ingress the port the
+    ingress replica serves HTTP on itself (the one of its listening ports that answers)."""
+    if not direct_ingress:
+        return SERVE_URL
+    for proc in psutil.Process(serve_run.pid).children(recursive=True):
+        if "ServeReplica:ray-tgi:Ingress" not in " ".join(proc.cmdline()):
+            continue
+        for conn in proc.net_connections(kind="tcp"):
+            if conn.status != psutil.CONN_LISTEN:
+                continue
+            url = f"http://127.0.0.1:{conn.laddr.port}"
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                continue
+    raise RuntimeError("no ingress replica serves HTTP itself: is direct ingress on?")
 
 
 def wait_for_engine(serve_run: subprocess.Popen, timeout_s: float = 300) -> str:
@@ -164,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = load_tokenizer(args.model_id or DEFAULT_MODEL_ID)
     config_dir = tempfile.TemporaryDirectory()  # not beside the reports; removed below
-    serve_run = start_serve_run(app_config(args, Path(config_dir.name)))
+    serve_run = start_serve_run(app_config(args, Path(config_dir.name)), args.direct_ingress)
     try:
         direct_url = wait_for_engine(serve_run)
-        targets = {"direct": Target(direct_url, "tgi"), "serve": Target(SERVE_URL, "tgi")}
+        targets = {"direct": Target(direct_url, "tgi"),
+                   "serve": Target(serve_url(serve_run, args.direct_ingress), "tgi")}  # fmt: skip
         for concurrency, num_requests, input_len, output_len in (
             (1, args.num_requests_c1, "uniform:32:128", "fixed:16"),
             (32, args.num_requests_c32, "chat:96:512", "fixed:64"),
@@ -185,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                         "input_len": input_len, "output_len": output_len, "seed": args.seed,
                         "rounds": rounds, "model_id": args.model_id or DEFAULT_MODEL_ID,
                         "num_gpus": args.num_gpus,
-                        "launcher_args": args.launcher_arg, "set": args.set}  # fmt: skip
+                        "launcher_args": args.launcher_arg, "set": args.set,
+                        "direct_ingress": args.direct_ingress}  # fmt: skip
             extra = {"workload": workload}
             if concurrency == 1:
                 extra["ttft_added_ms_paired"] = paired_ttft_added_ms(sides)

@@ -1,7 +1,12 @@
 """`serve run serve_config.yaml` as a user runs it: real Ray, real engine, real clients.
 
-One `serve run` (one Ray cluster) for the whole module. The tests run in file order; the
-last one stops it with SIGINT and checks that nothing it started is left running.
+One `serve run` (one Ray cluster) for the whole module, in each of two modes:
+  - proxy: Serve's defaults; clients go through Serve's HTTP proxy on port 8000;
+  - direct: `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` for the whole run, and clients go straight to
+    the ingress replica, which then serves HTTP itself on port 30000 (README "Lowest
+    latency"); the proxy keeps serving port 8000.
+The tests run in file order; the last one stops the run with SIGINT and checks that nothing
+it started is left running.
 """
 
 import os
@@ -21,11 +26,18 @@ import pytest
 from openai import OpenAI
 from text_generation import Client
 
+from benchmarks.serve_vs_direct import serve_url
+
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVE = Path(sys.executable).with_name("serve")
-BASE_URL = "http://127.0.0.1:8000"
+PROXY_URL = "http://127.0.0.1:8000"
+DIRECT_INGRESS_PORT = 30000  # RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT's default
+MODES = {  # mode -> (environment of the run, where clients send requests)
+    "proxy": ({}, PROXY_URL),
+    "direct": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, f"http://127.0.0.1:{DIRECT_INGRESS_PORT}"),
+}
 MODEL = "smollm2"
 QUESTION = "What is the capital of France?"
 # The chat template applied by hand, for the TGI routes (they take a raw prompt).
@@ -38,6 +50,7 @@ RUN_MARKER = "RAY_TGI_TEST_SERVE_RUN"
 @dataclass
 class ServeRun:
     process: subprocess.Popen
+    url: str  # where clients send requests in this mode
     run_id: str
     log_path: Path
     started_at: float
@@ -75,13 +88,13 @@ def _first_answer(run: ServeRun) -> None:
             if run.process.poll() is not None:
                 pytest.fail(f"serve run exited with {run.process.returncode}:\n{run.log_tail()}")
             try:
-                if client.get(f"{BASE_URL}/health").status_code == 200:
+                if client.get(f"{run.url}/health").status_code == 200:
                     request = {
                         "model": MODEL,
                         "messages": [{"role": "user", "content": QUESTION}],
                         "max_tokens": 16,
                     }
-                    answer = client.post(f"{BASE_URL}/v1/chat/completions", json=request)
+                    answer = client.post(f"{run.url}/v1/chat/completions", json=request)
                     if answer.status_code == 200:
                         run.seconds_to_first_answer = time.monotonic() - run.started_at
                         return
@@ -91,14 +104,16 @@ def _first_answer(run: ServeRun) -> None:
     pytest.fail(f"no answer within {STARTUP_TIMEOUT_S} s:\n{run.log_tail()}")
 
 
-@pytest.fixture(scope="module")
-def serve_run(tmp_path_factory) -> Iterator[ServeRun]:
-    with socket.socket() as sock:
-        if sock.connect_ex(("127.0.0.1", 8000)) == 0:
-            pytest.fail("port 8000 is already in use; stop the other server first")
+@pytest.fixture(scope="module", params=list(MODES))
+def serve_run(request, tmp_path_factory) -> Iterator[ServeRun]:
+    for port in (8000, DIRECT_INGRESS_PORT):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} is already in use; stop the other server first")
+    mode_env, url = MODES[request.param]
     run_id = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local cluster
-    env[RUN_MARKER] = run_id
+    env.update(mode_env, **{RUN_MARKER: run_id})
     log_path = tmp_path_factory.mktemp("serve_run") / "serve_run.log"
     with open(log_path, "wb") as log:
         run = ServeRun(
@@ -111,6 +126,7 @@ def serve_run(tmp_path_factory) -> Iterator[ServeRun]:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # out of reach of the terminal's Ctrl-C
             ),
+            url=url,
             run_id=run_id,
             log_path=log_path,
             started_at=time.monotonic(),
@@ -135,14 +151,33 @@ def test_time_to_first_answer(serve_run, capsys):
     assert serve_run.seconds_to_first_answer < STARTUP_TIMEOUT_S
 
 
+def _listener(port: int) -> str:
+    """The command line of the process listening on `port` ("" if none)."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return " ".join(psutil.Process(conn.pid).cmdline())
+    return ""
+
+
+def test_who_answers_the_clients(serve_run):
+    assert httpx.get(f"{PROXY_URL}/health").status_code == 200  # in both modes
+    assert "ProxyActor" in _listener(8000)
+    if serve_run.url == PROXY_URL:
+        assert _listener(DIRECT_INGRESS_PORT) == ""
+    else:  # nothing between the client and the ingress replica
+        assert "ServeReplica:ray-tgi:Ingress" in _listener(DIRECT_INGRESS_PORT)
+        # ... and the benchmarks' --direct-ingress finds that port
+        assert serve_url(serve_run.process, direct_ingress=True) == serve_run.url
+
+
 def test_models_and_info(serve_run):
-    models = httpx.get(f"{BASE_URL}/v1/models").json()
+    models = httpx.get(f"{serve_run.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
-    assert httpx.get(f"{BASE_URL}/info").json()["max_total_tokens"] == 2048
+    assert httpx.get(f"{serve_run.url}/info").json()["max_total_tokens"] == 2048
 
 
 def test_openai_client(serve_run):
-    client = OpenAI(base_url=f"{BASE_URL}/v1", api_key="unused")
+    client = OpenAI(base_url=f"{serve_run.url}/v1", api_key="unused")
     messages = [{"role": "user", "content": QUESTION}]
     answer = client.chat.completions.create(
         model=MODEL, messages=messages, temperature=0, max_tokens=32
@@ -165,7 +200,7 @@ def test_openai_client(serve_run):
 
 
 def test_text_generation_client(serve_run):
-    client = Client(BASE_URL, timeout=120)
+    client = Client(serve_run.url, timeout=120)
     answer = client.generate(CHAT_PROMPT, max_new_tokens=32)
     assert "Paris" in answer.generated_text
     tokens = [r.token.text for r in client.generate_stream(CHAT_PROMPT, max_new_tokens=32)]
@@ -175,15 +210,15 @@ def test_text_generation_client(serve_run):
 
 def test_tgi_routes_stream_and_errors(serve_run):
     request = {"inputs": CHAT_PROMPT, "parameters": {"max_new_tokens": 32}}
-    answer = httpx.post(f"{BASE_URL}/generate", json=request, timeout=120)
+    answer = httpx.post(f"{serve_run.url}/generate", json=request, timeout=120)
     assert answer.status_code == 200 and "Paris" in answer.json()["generated_text"]
-    with httpx.stream("POST", f"{BASE_URL}/generate_stream", json=request, timeout=120) as r:
+    with httpx.stream("POST", f"{serve_run.url}/generate_stream", json=request, timeout=120) as r:
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data:{") for e in events)  # TGI's framing; no [DONE]
     assert r.headers["x-compute-type"] == "cpu"  # the engine's headers pass through
     assert '"generated_text":' in events[-1] and "Paris" in events[-1]
     too_long = {"inputs": "x " * 5000, "parameters": {"max_new_tokens": 8}}
-    error = httpx.post(f"{BASE_URL}/generate", json=too_long, timeout=60)
+    error = httpx.post(f"{serve_run.url}/generate", json=too_long, timeout=60)
     assert error.status_code == 422
     assert error.json()["error_type"] == "validation"
 
@@ -192,25 +227,25 @@ def test_the_ingress_passes_tgis_contract_through(serve_run):
     body = {"inputs": CHAT_PROMPT, "parameters": {
         "max_new_tokens": 20, "details": True, "decoder_input_details": True,
         "top_n_tokens": 2}}  # fmt: skip
-    answer = httpx.post(f"{BASE_URL}/generate", json=body, timeout=120)
+    answer = httpx.post(f"{serve_run.url}/generate", json=body, timeout=120)
     details = answer.json()["details"]
     assert answer.json()["generated_text"] == "The capital of France is Paris."
     assert len(details["prefill"]) == 16 and len(details["top_tokens"]) == 8
     assert answer.headers["x-generated-tokens"] == "8"  # TGI's headers survive the hops
-    bad = httpx.post(f"{BASE_URL}/generate", json={"inputs": "Hi", "parameters": {"top_k": 0}})
+    bad = httpx.post(f"{serve_run.url}/generate", json={"inputs": "Hi", "parameters": {"top_k": 0}})
     assert bad.status_code == 422
     assert bad.json() == {"error": "Input validation error: `top_k` must be strictly positive",
                           "error_type": "validation"}  # fmt: skip
-    tokens = httpx.post(f"{BASE_URL}/tokenize", json={"inputs": "Hello world"}).json()
+    tokens = httpx.post(f"{serve_run.url}/tokenize", json={"inputs": "Hello world"}).json()
     assert [t["text"] for t in tokens] == ["Hello", " world"]
     chat = {"messages": [{"role": "user", "content": QUESTION}]}
-    templated = httpx.post(f"{BASE_URL}/chat_tokenize", json=chat).json()["templated_text"]
+    templated = httpx.post(f"{serve_run.url}/chat_tokenize", json=chat).json()["templated_text"]
     assert templated.endswith(CHAT_PROMPT)  # after the template's default system prompt
-    assert httpx.get(f"{BASE_URL}/docs").status_code == 200
-    assert "/generate_stream" in httpx.get(f"{BASE_URL}/api-doc/openapi.json").json()["paths"]
+    assert httpx.get(f"{serve_run.url}/docs").status_code == 200
+    assert "/generate_stream" in httpx.get(f"{serve_run.url}/api-doc/openapi.json").json()["paths"]
     # The app's /metrics: the engine's TGI metrics (TGI's names) labelled with model and
     # replica, and the ingress's own; tests/integration/test_observability.py counts them.
-    metrics = httpx.get(f"{BASE_URL}/metrics").text.splitlines()
+    metrics = httpx.get(f"{serve_run.url}/metrics").text.splitlines()
     assert "# TYPE tgi_request_count counter" in metrics
     assert any(line.startswith('tgi_batch_inference_count{model="smollm2",replica="')
                for line in metrics)  # fmt: skip
@@ -222,7 +257,7 @@ def test_the_ingress_passes_tgis_contract_through(serve_run):
 def test_huggingface_hub_client_through_the_ingress(serve_run):
     from huggingface_hub import InferenceClient
 
-    client = InferenceClient(BASE_URL)
+    client = InferenceClient(serve_run.url)
     assert "Paris" in client.text_generation(CHAT_PROMPT, max_new_tokens=20)
     chat = client.chat_completion([{"role": "user", "content": QUESTION}], max_tokens=20,
                                   temperature=0)  # fmt: skip
