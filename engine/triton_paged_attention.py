@@ -16,6 +16,8 @@ an equal share of the context's tiles, computed in the kernel.
 Imported only on CUDA (engine/attention.py); CPU uses the SDPA path.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -122,6 +124,12 @@ def num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
     return splits
 
 
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    # Asked once per GPU: eager decode calls the kernel for every layer of every step.
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [b, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -137,8 +145,7 @@ def paged_decode_attention(
     if q.stride(2) != 1 or q.stride(1) != head_dim:
         q = q.contiguous()
     if splits is None:
-        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = num_splits(batch, num_kv_heads, num_sms)
+        splits = num_splits(batch, num_kv_heads, _num_sms(q.device.index))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     split_sum = split_stats = out  # unused with one split
     if splits > 1:
