@@ -8,19 +8,15 @@ takes; this shows which process runs out of CPU first at many streams.
 
 import argparse
 import asyncio
-import signal
 import sys
-import tempfile
-from pathlib import Path
 
 import httpx
 import psutil
 
 from benchmarks.serve_vs_direct import (
     add_app_arguments,
-    app_config,
+    running_app,
     serve_url,
-    start_serve_run,
     wait_for_engine,
 )
 
@@ -84,15 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=8)
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as config_dir:
-        serve_run = start_serve_run(app_config(args, Path(config_dir)), args.direct_ingress)
-        try:
-            wait_for_engine(serve_run)
-            url = serve_url(serve_run, args.direct_ingress)
-            per_request, tokens = cpu_ms_per_request(args, psutil.Process(serve_run.pid), url)
-        finally:
-            serve_run.send_signal(signal.SIGINT)
-            serve_run.wait(timeout=120)
+    with running_app(args) as serve_run:
+        wait_for_engine(serve_run)
+        url = serve_url(serve_run, args.direct_ingress)
+        per_request, tokens = cpu_ms_per_request(args, psutil.Process(serve_run.pid), url)
     print(f"{args.num_requests} streamed requests, {tokens:.1f} tokens each, "
           f"{args.concurrency} at once; CPU per request:")  # fmt: skip
     for name, ms in per_request.items():

@@ -10,12 +10,9 @@ HTTP requests go to the ingress replica's own port instead (no proxy).
 
 import argparse
 import asyncio
-import signal
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import ray
@@ -23,9 +20,8 @@ from ray import serve
 
 from benchmarks.serve_vs_direct import (
     add_app_arguments,
-    app_config,
+    running_app,
     serve_url,
-    start_serve_run,
     wait_for_engine,
 )
 
@@ -91,20 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_app_arguments(p)
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as config_dir:
-        serve_run = start_serve_run(app_config(args, Path(config_dir)), args.direct_ingress)
-        try:
-            direct = wait_for_engine(serve_run)
-            through_serve = serve_url(serve_run, args.direct_ingress)
-            for name, path, body, stream in CASES:
-                d = median_ms(direct, path, body, stream)
-                s = median_ms(through_serve, path, body, stream)
-                print(f"{name:22s} direct {d:7.2f} ms  serve {s:7.2f} ms  added {s - d:6.2f} ms")
-            for name, ms in handle_hops_ms().items():
-                print(f"{name:46s} {ms:7.2f} ms")
-        finally:
-            serve_run.send_signal(signal.SIGINT)
-            serve_run.wait(timeout=120)
+    with running_app(args) as serve_run:
+        direct = wait_for_engine(serve_run)
+        through_serve = serve_url(serve_run, args.direct_ingress)
+        for name, path, body, stream in CASES:
+            d = median_ms(direct, path, body, stream)
+            s = median_ms(through_serve, path, body, stream)
+            print(f"{name:22s} direct {d:7.2f} ms  serve {s:7.2f} ms  added {s - d:6.2f} ms")
+        for name, ms in handle_hops_ms().items():
+            print(f"{name:46s} {ms:7.2f} ms")
     return 0
 
 

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import psutil
 import yaml
 
 from benchmarks.common import RESULTS_DIR, write_report
+from benchmarks.host_latency import cpu_wakeup_latency_held
 from benchmarks.loadgen import Target, load_tokenizer, run_load
 from benchmarks.workload import BenchRequest, LengthDist, make_requests
 from engine.weights import DEFAULT_MODEL_ID
@@ -78,6 +81,28 @@ def add_app_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct-ingress", action="store_true",
                    help="run Serve with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and send the Serve "
                    "side to the ingress replica's own port: no proxy hop")  # fmt: skip
+    p.add_argument("--cpu-wakeup-latency-us", type=int, metavar="US",
+                   help="hold the host's CPU wake-up latency at US or less while the app "
+                   "runs (/dev/cpu_dma_latency; root): benchmarks/host_latency.py")  # fmt: skip
+
+
+@contextmanager
+def running_app(args: argparse.Namespace) -> Iterator[subprocess.Popen]:
+    """`serve run` of `app_config(args)` (direct ingress or not), with the host's CPU
+    wake-up latency held as asked while it runs; stopped (SIGINT, as a user would) on exit."""
+    with (
+        cpu_wakeup_latency_held(args.cpu_wakeup_latency_us),
+        tempfile.TemporaryDirectory() as config_dir,  # not beside the reports
+    ):
+        serve_run = start_serve_run(app_config(args, Path(config_dir)), args.direct_ingress)
+        try:
+            yield serve_run
+        finally:
+            serve_run.send_signal(signal.SIGINT)
+            try:
+                serve_run.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                serve_run.kill()
 
 
 def start_serve_run(config: Path, direct_ingress: bool = False) -> subprocess.Popen:
@@ -189,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.serve_vs_direct " + " ".join(argv or sys.argv[1:])
 
     tokenizer = load_tokenizer(args.model_id or DEFAULT_MODEL_ID)
-    config_dir = tempfile.TemporaryDirectory()  # not beside the reports; removed below
-    serve_run = start_serve_run(app_config(args, Path(config_dir.name)), args.direct_ingress)
-    try:
+    with running_app(args) as serve_run:
         direct_url = wait_for_engine(serve_run)
         targets = {"direct": Target(direct_url, "tgi"),
                    "serve": Target(serve_url(serve_run, args.direct_ingress), "tgi")}  # fmt: skip
@@ -213,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                         "rounds": rounds, "model_id": args.model_id or DEFAULT_MODEL_ID,
                         "num_gpus": args.num_gpus,
                         "launcher_args": args.launcher_arg, "set": args.set,
-                        "direct_ingress": args.direct_ingress}  # fmt: skip
+                        "direct_ingress": args.direct_ingress,
+                        "cpu_wakeup_latency_us": args.cpu_wakeup_latency_us}  # fmt: skip
             extra = {"workload": workload}
             if concurrency == 1:
                 extra["ttft_added_ms_paired"] = paired_ttft_added_ms(sides)
@@ -221,13 +245,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"serve_vs_direct_c{concurrency}", command, sides, extra,
                 ratios=serve_costs, results_dir=args.results_dir,
             )  # fmt: skip
-    finally:
-        serve_run.send_signal(signal.SIGINT)
-        try:
-            serve_run.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            serve_run.kill()
-        config_dir.cleanup()
     return 0
 
 
