@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if torch.cuda.is_available():
     from engine.triton_paged_attention import paged_decode_attention
@@ -97,10 +96,16 @@ def prefill_attention(
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-# Not cuDNN, which SDPA prefers on Hopper: it builds an execution plan for every new sequence
-# length, ~1 ms of CPU per call, which made prefill steps CPU-bound (H200, 8B model: 1.1 s of
-# CPU against 0.23 s of GPU for one 8,192-token step of ~30 prompts).
-_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+def use_prefill_backends() -> None:
+    """Keep SDPA (prefill attention) off cuDNN in this process; on CUDA, once at start.
+
+    cuDNN, which SDPA prefers on Hopper, builds an execution plan for every new sequence
+    length, ~1 ms of CPU per call, which made prefill steps CPU-bound (H200, 8B model: 1.1 s
+    of CPU against 0.23 s of GPU for one 8,192-token step of ~30 prompts). Flash, memory-
+    efficient and math stay on. Set for the process rather than with `sdpa_kernel` around each
+    call: entering that context costs ~30 µs of CPU, per layer and per prompt.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _context(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -121,11 +126,10 @@ def _causal_attention(
         rows = torch.arange(new, device=q.device)[:, None] + num_cached
         mask = torch.arange(ctx, device=q.device)[None] <= rows  # [new, ctx]
     # [1, heads, len, head_dim] views, as SDPA wants them
-    with sdpa_kernel(_PREFILL_BACKENDS):
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
-        )  # fmt: skip
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+    )  # fmt: skip
     return o[0].transpose(0, 1)
 
 

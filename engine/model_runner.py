@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, use_prefill_backends
 from engine.batch_inputs import BatchInputBuilder
 from engine.config import EngineConfig
 from engine.decode_ahead import DeviceStep, can_run_ahead
@@ -61,6 +61,8 @@ class ModelRunner:
             check_shardable(model_config.num_key_value_heads, config.num_shard)
             if rank == 0:
                 self.shards = ShardGroup(config)
+        if self.device.type == "cuda":
+            use_prefill_backends()
         try:
             self._load(config, model_config)
         except BaseException:

@@ -1,0 +1,39 @@
+import torch
+
+from engine.attention import AttentionMetadata, prefill_attention, use_prefill_backends
+
+
+def naive_causal(q, k, v, scale):  # [n, h, d], [n, kv_h, d] x2 -> [n, h, d]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    n = q.shape[0]
+    scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def test_packed_prompts_each_attend_causally_to_themselves_alone():
+    gen = torch.Generator().manual_seed(0)
+    seq_lens, heads, kv_heads, head_dim, scale = [5, 3], 6, 2, 8, 8**-0.5
+    n = sum(seq_lens)
+    q = torch.randn(n, heads, head_dim, generator=gen)
+    k = torch.randn(n, kv_heads, head_dim, generator=gen)
+    v = torch.randn(n, kv_heads, head_dim, generator=gen)
+    cache = torch.zeros(4, 4, kv_heads, head_dim)  # unused: no cached prefix
+    meta = AttentionMetadata(is_prefill=True, slot_mapping=torch.arange(n), seq_lens=seq_lens)
+    out = prefill_attention(q, k, v, cache, cache, meta, scale)
+    parts = zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=True)
+    expected = torch.cat([naive_causal(*part, scale) for part in parts])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_backends_leave_out_cudnn_alone():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        use_prefill_backends()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
