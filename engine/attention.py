@@ -24,10 +24,13 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V is written to
     # Prefill: the batch packs whole sequences back to back, each attends causally to itself.
     seq_lens: list[int] | None = None  # [b] new tokens per packed sequence
-    # With a prefix cache hit, a sequence's first cached_lens[i] tokens are already in the
-    # cache: its new tokens attend to those too, read through prefill_context_slots[i].
-    cached_lens: list[int] | None = None  # [b]; None when no sequence has a cached prefix
+    # With a prefix cache hit, a sequence's first tokens are already in the cache: its new
+    # tokens attend to those too, read through prefill_context_slots[i] (None: no sequence
+    # has a cached prefix).
     prefill_context_slots: list[torch.Tensor] | None = None  # [b] x [cached + new]
+    # [b] x [new, cached + new] bool, True = attend (`prefix_causal_mask`); None for a
+    # sequence with no cached prefix. Built once per step: every layer uses the same.
+    prefill_masks: list[torch.Tensor | None] | None = None
     # Decode: one new token per sequence, attending to its whole context through the cache.
     # [b * max_context_len] cache slot of each context position; padding repeats slot 0.
     context_slots: torch.Tensor | None = None
@@ -47,10 +50,12 @@ class AttentionMetadata:
             return None if t is None else t.to(device)
 
         context = self.prefill_context_slots
+        masks = self.prefill_masks
         return replace(
             self,
             slot_mapping=self.slot_mapping.to(device),
             prefill_context_slots=None if context is None else [t.to(device) for t in context],
+            prefill_masks=None if masks is None else [move(m) for m in masks],
             context_slots=move(self.context_slots),
             context_mask=move(self.context_mask),
             block_tables=move(self.block_tables),
@@ -87,13 +92,20 @@ def prefill_attention(
     splits = zip(q.split(meta.seq_lens), k.split(meta.seq_lens), v.split(meta.seq_lens),
                  strict=True)  # fmt: skip
     for i, (q_s, k_s, v_s) in enumerate(splits):
-        num_cached = meta.cached_lens[i] if meta.cached_lens else 0
-        if num_cached:  # the whole context, prefix included, read back from the cache
+        mask = meta.prefill_masks[i] if meta.prefill_masks else None
+        if mask is not None:  # the whole context, prefix included, read back from the cache
             assert meta.prefill_context_slots is not None
             k_s = _context(k_cache, meta.prefill_context_slots[i])
             v_s = _context(v_cache, meta.prefill_context_slots[i])
-        outs.append(_causal_attention(q_s, k_s, v_s, num_cached, scale))
+        outs.append(_causal_attention(q_s, k_s, v_s, mask, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def prefix_causal_mask(num_cached: int, num_new: int, device: torch.device) -> torch.Tensor:
+    """[new, cached + new] bool, True = attend: new token i (position num_cached + i) sees
+    the context's positions up to its own."""
+    rows = torch.arange(num_new, device=device)[:, None] + num_cached
+    return torch.arange(num_cached + num_new, device=device)[None] <= rows
 
 
 def use_prefill_backends() -> None:
@@ -115,16 +127,11 @@ def _context(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 def _causal_attention(
     q: torch.Tensor,  # [new, num_heads, head_dim], the last `new` positions of the context
-    k: torch.Tensor,  # [num_cached + new, num_kv_heads, head_dim]
-    v: torch.Tensor,  # [num_cached + new, num_kv_heads, head_dim]
-    num_cached: int,
+    k: torch.Tensor,  # [ctx, num_kv_heads, head_dim], ctx = cached + new
+    v: torch.Tensor,  # [ctx, num_kv_heads, head_dim]
+    mask: torch.Tensor | None,  # [new, ctx] bool, True = attend; None: plain causal (no prefix)
     scale: float,
 ) -> torch.Tensor:  # [new, num_heads, head_dim]
-    mask = None
-    if num_cached:  # new token i sees context positions <= num_cached + i
-        new, ctx = q.shape[0], k.shape[0]
-        rows = torch.arange(new, device=q.device)[:, None] + num_cached
-        mask = torch.arange(ctx, device=q.device)[None] <= rows  # [new, ctx]
     # [1, heads, len, head_dim] views, as SDPA wants them
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],

@@ -4,7 +4,7 @@ the `AttentionMetadata` every layer shares (prepare_prefill / prepare_decode).""
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, prefix_causal_mask
 from engine.sequence import Sequence
 
 _NUMPY_DTYPES = {torch.long: np.int64, torch.int32: np.int32}
@@ -71,12 +71,17 @@ class BatchInputBuilder:
             is_prefill=True,
             slot_mapping=self.tensor(slot_mapping),
             seq_lens=[seq.prefill_chunk for seq in seqs],
-            cached_lens=[seq.num_cached_tokens for seq in seqs] if has_cached else None,
             prefill_context_slots=(
                 [self.tensor(slots) for slots in context_slots] if has_cached else None
             ),
+            prefill_masks=[self._prefix_mask(seq) for seq in seqs] if has_cached else None,
         )
         return self.tensor(input_ids), self.tensor(positions), meta
+
+    def _prefix_mask(self, seq: Sequence) -> torch.Tensor | None:
+        if not seq.num_cached_tokens:
+            return None
+        return prefix_causal_mask(seq.num_cached_tokens, seq.prefill_chunk, self.device)
 
     def prepare_decode(self, seqs: list[Sequence]) -> Inputs:
         """One token per sequence, the last one, whose K/V this step writes and reads back."""

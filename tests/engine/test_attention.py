@@ -1,6 +1,11 @@
 import torch
 
-from engine.attention import AttentionMetadata, prefill_attention, use_prefill_backends
+from engine.attention import (
+    AttentionMetadata,
+    prefill_attention,
+    prefix_causal_mask,
+    use_prefill_backends,
+)
 
 
 def naive_causal(q, k, v, scale):  # [n, h, d], [n, kv_h, d] x2 -> [n, h, d]
@@ -24,6 +29,35 @@ def test_packed_prompts_each_attend_causally_to_themselves_alone():
     out = prefill_attention(q, k, v, cache, cache, meta, scale)
     parts = zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=True)
     expected = torch.cat([naive_causal(*part, scale) for part in parts])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_new_tokens_after_a_cached_prefix_attend_to_it_through_the_cache():
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads, head_dim, scale = 4, 2, 8, 8**-0.5
+    cached, new, other = 6, 3, 4  # sequence 0: a cached prefix; sequence 1 (packed after): none
+    full_q = torch.randn(cached + new, heads, head_dim, generator=gen)
+    full_k = torch.randn(cached + new, kv_heads, head_dim, generator=gen)
+    full_v = torch.randn(cached + new, kv_heads, head_dim, generator=gen)
+    q1, k1, v1 = (
+        torch.randn(other, h, head_dim, generator=gen) for h in (heads, kv_heads, kv_heads)
+    )
+    # Blocks of 4 slots; sequence 0's whole context (prefix and new K/V) sits in slots 0..8.
+    k_cache, v_cache = torch.zeros(2, 4, 4, kv_heads, head_dim)
+    k_cache.view(-1, kv_heads, head_dim)[: cached + new] = full_k
+    v_cache.view(-1, kv_heads, head_dim)[: cached + new] = full_v
+    meta = AttentionMetadata(
+        is_prefill=True,
+        slot_mapping=torch.arange(new + other),  # not read by the attention itself
+        seq_lens=[new, other],
+        prefill_context_slots=[torch.arange(cached + new), torch.arange(other)],
+        prefill_masks=[prefix_causal_mask(cached, new, torch.device("cpu")), None],
+    )
+    q = torch.cat([full_q[cached:], q1])
+    k, v = torch.cat([full_k[cached:], k1]), torch.cat([full_v[cached:], v1])
+    out = prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+    expected = torch.cat([naive_causal(full_q, full_k, full_v, scale)[cached:],
+                          naive_causal(q1, k1, v1, scale)])  # fmt: skip
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -91,17 +91,19 @@ def test_contradictory_shard_flags_are_refused(sharded, num_shard, num_gpus, mes
 
 def test_attention_metadata_moves_every_tensor_to_the_shards_device():
     slots = torch.arange(4)
-    prefill = AttentionMetadata(is_prefill=True, slot_mapping=slots, seq_lens=[4],
-                                cached_lens=[2], prefill_context_slots=[slots])  # fmt: skip
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    prefill = AttentionMetadata(is_prefill=True, slot_mapping=slots, seq_lens=[2, 4],
+                                prefill_context_slots=[slots, slots],
+                                prefill_masks=[mask, None])  # fmt: skip
     decode = AttentionMetadata(is_prefill=False, slot_mapping=slots[:2], context_slots=slots,
                                context_mask=torch.ones(2, 1, 1, 2, dtype=torch.bool))  # fmt: skip
     assert prefill.to(slots.device) is prefill  # already there: no copy
     meta = torch.device("meta")
     moved = [prefill.to(meta), decode.to(meta)]
-    tensors = [moved[0].slot_mapping, *moved[0].prefill_context_slots, moved[1].slot_mapping,
-               moved[1].context_slots, moved[1].context_mask]  # fmt: skip
+    tensors = [moved[0].slot_mapping, *moved[0].prefill_context_slots, moved[0].prefill_masks[0],
+               moved[1].slot_mapping, moved[1].context_slots, moved[1].context_mask]  # fmt: skip
     assert all(t.device == meta for t in tensors)
-    assert (moved[0].seq_lens, moved[0].cached_lens) == ([4], [2])
+    assert (moved[0].seq_lens, moved[0].prefill_masks[1]) == ([2, 4], None)
 
 
 # --- real shards -------------------------------------------------------------------------
