@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype="bfloat16" if cuda else "float32",
                 max_batch_total_tokens=4096,
                 max_batch_prefill_tokens=1024,
-            )  # fmt: skip
+            )
         )
         prefill, decode = [], []
         prompt = [3 + i % 500 for i in range(args.prompt_len)]
