@@ -15,27 +15,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.gpu_engine import random_model_dir
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.protocol import SamplingParams
 
-
-def tiny_model_dir(path: Path, num_layers: int) -> Path:
-    """Random weights of a Llama with `num_layers` layers of hidden size 64."""
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=512,
-        tie_word_embeddings=True, architectures=["LlamaForCausalLM"], eos_token_id=None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    weights = LlamaForCausalLM(config).state_dict()
-    config.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in weights.items() if k != "lm_head.weight"},
-              str(path / "model.safetensors"))  # fmt: skip
-    return path
+# Llama-shaped, hidden 64: negligible arithmetic. The layer count comes from the command line.
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=32, vocab_size=512, tie_word_embeddings=True)  # fmt: skip
 
 
 def step_ms(engine: LLMEngine, sync) -> float:
@@ -55,12 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dtype = "bfloat16" if cuda else "float32"
     with tempfile.TemporaryDirectory() as work:
+        shape = {**TINY, "num_hidden_layers": args.num_layers}
+        model_dir, _ = random_model_dir(shape, Path(work), getattr(torch, dtype))
         engine = LLMEngine(
             EngineConfig(
-                model_dir=str(tiny_model_dir(Path(work), args.num_layers)),
+                model_dir=str(model_dir),
                 device=args.device,
-                dtype="bfloat16" if cuda else "float32",
+                dtype=dtype,
                 max_batch_total_tokens=4096,
                 max_batch_prefill_tokens=1024,
             )
