@@ -1,9 +1,9 @@
 """What an engine step costs besides the arithmetic: step times of a Llama-shaped model so
 small (hidden 64) that its compute is negligible, so what is measured is the host's work and
-the kernel launches of each path — a prefill (eager on every device) and a decode step (CUDA
-graphs on a GPU, eager on CPU) — with as many layers as the real model has. Every request
-sends the same prompt, so after the first its full blocks but the last come from the prefix
-cache: the prefill of a chat turn behind a shared system prompt.
+the kernel launches of each path — a prefill and a decode step, both through CUDA graphs on a
+GPU (a short prefill runs as decode rows) and eager on CPU — with as many layers as the real
+model has. Every request sends the same prompt, so after the first its full blocks but the
+last come from the prefix cache: the prefill of a chat turn behind a shared system prompt.
 
     python -m benchmarks.step_overhead [--device cuda] [--num-layers 30] [--prompt-len 64]
 """

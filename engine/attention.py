@@ -4,7 +4,8 @@ Cache layout, per layer: `k_cache`, `v_cache` of shape [num_blocks, block_size, 
 head_dim]. A token's slot is `block_id * block_size + offset`; a sequence's block table lists
 its block ids in order. Prefill and the CPU decode are plain torch functions (SDPA
 underneath); on CUDA, decode reads the cache in place through the block tables with a Triton
-kernel (engine/triton_paged_attention.py), chosen once here at import.
+kernel (engine/triton_paged_attention.py), chosen once here at import. A short prefill on
+CUDA graphs runs as decode rows, one per new token (BatchInputBuilder.prepare_prefill_rows).
 """
 
 from dataclasses import dataclass, replace

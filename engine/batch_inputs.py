@@ -31,12 +31,16 @@ class BatchInputBuilder:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def block_tables(self, seqs: list[Sequence]) -> torch.Tensor:  # [b, max_blocks] int32
-        """Each sequence's block table, padded with block 0 (rows are filled from numpy:
-        5x faster than converting a nested list)."""
+        """Each sequence's block table, padded with block 0."""
+        return torch.from_numpy(self._block_table_array(seqs)).to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _block_table_array(seqs: list[Sequence]) -> np.ndarray:  # [b, max_blocks] int32
+        # Rows filled from numpy: 5x faster than converting a nested list.
         tables = np.zeros((len(seqs), max(len(seq.block_table) for seq in seqs)), np.int32)
         for row, seq in zip(tables, seqs, strict=True):
             row[: len(seq.block_table)] = seq.block_table
-        return torch.from_numpy(tables).to(self.device, non_blocking=True)
+        return tables
 
     def slot(self, seq: Sequence, position: int) -> int:
         """The cache slot of the sequence's token at `position`."""
@@ -85,29 +89,54 @@ class BatchInputBuilder:
 
     def prepare_decode(self, seqs: list[Sequence]) -> Inputs:
         """One token per sequence, the last one, whose K/V this step writes and reads back."""
-        context_lens = [seq.num_tokens for seq in seqs]
+        return self._decode_rows(seqs, [seq.num_tokens for seq in seqs], [1] * len(seqs))
+
+    def prepare_prefill_rows(self, seqs: list[Sequence]) -> Inputs:
+        """A prefill laid out as decode rows: each new token of each sequence's chunk is a
+        row whose context is its sequence up to itself. Every row writes its K/V before any
+        attends (each layer stores first), so this is causal attention over the cached
+        prefix and the chunk: how the CUDA graphs run a short prefill."""
+        context_lens = [
+            n
+            for seq in seqs
+            for n in range(seq.num_cached_tokens + 1, seq.num_cached_tokens + seq.prefill_chunk + 1)
+        ]
+        return self._decode_rows(seqs, context_lens, [seq.prefill_chunk for seq in seqs])
+
+    def _decode_rows(
+        self,
+        seqs: list[Sequence],
+        context_lens: list[int],  # [rows] each row's context, its own token the last
+        rows_per_seq: list[int],  # [b] consecutive rows of each sequence
+    ) -> Inputs:
+        row_seqs = [seq for seq, n in zip(seqs, rows_per_seq, strict=True) for _ in range(n)]
+        rows = list(zip(row_seqs, context_lens, strict=True))
         # By position, not from the last block: a lookahead block may follow the newest token's.
-        slot_mapping = self.tensor([self.slot(seq, seq.num_tokens - 1) for seq in seqs])
+        slot_mapping = self.tensor([self.slot(seq, n - 1) for seq, n in rows])
         if self.paged_decode:
+            tables = np.repeat(self._block_table_array(seqs), rows_per_seq, axis=0)
             meta = AttentionMetadata(
                 is_prefill=False,
                 slot_mapping=slot_mapping,
-                block_tables=self.block_tables(seqs),
+                block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
                 context_lens=self.tensor(context_lens, torch.int32),
             )
         else:
-            meta = self._gathered_decode_metadata(seqs, context_lens, slot_mapping)
-        input_ids = self.tensor([seq.last_token_id for seq in seqs])
+            meta = self._gathered_decode_metadata(rows, slot_mapping)
+        input_ids = self.tensor([seq.token_ids[n - 1] for seq, n in rows])
         return input_ids, self.tensor([n - 1 for n in context_lens]), meta
 
     def _gathered_decode_metadata(
-        self, seqs: list[Sequence], context_lens: list[int], slot_mapping: torch.Tensor
+        self, rows: list[tuple[Sequence, int]], slot_mapping: torch.Tensor
     ) -> AttentionMetadata:
+        """Decode metadata for SDPA over gathered contexts (CPU): each row (sequence, context
+        length) reads the first context-length slots of its sequence."""
+        context_lens = [n for _, n in rows]
         max_context_len = max(context_lens)
-        context_slots = []  # the context's slots, padded to max_context_len with slot 0
-        for seq in seqs:
-            context_slots.extend(self.slots(seq))
-            context_slots.extend([0] * (max_context_len - seq.num_tokens))
+        context_slots = []  # each row's context slots, padded to max_context_len with slot 0
+        for seq, n in rows:
+            context_slots.extend(self.slots(seq)[:n])
+            context_slots.extend([0] * (max_context_len - n))
         context_mask = None
         if min(context_lens) != max_context_len:
             lens = self.tensor(context_lens)  # [b]

@@ -1,4 +1,5 @@
 """CUDA graphs of the decode step: the whole forward plus the LM head, replayed per step.
+Short prefills replay them too, a row per new token (BatchInputBuilder.prepare_prefill_rows).
 
 Eager decode launches ~10 kernels per layer from Python, which on a fast GPU costs more than
 the kernels themselves. A graph records the launches once per batch-size bucket and replays

@@ -6,6 +6,7 @@ forward pass for the whole batch and samples one token per sequence (plus, on pr
 logprobs for the sequences that ask).
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -19,16 +20,21 @@ from engine.decode_ahead import DeviceStep, can_run_ahead
 from engine.distributed import ShardGroup, init_process_group
 from engine.model_loader import load_model, resolve_device_dtype
 from engine.models.llama import KVCache
-from engine.sampling import Sampler, TopTokens
+from engine.prefill_logprobs import compute_prefill_logprobs
+from engine.sampling import Sampler, SamplerOutput, TopTokens
 from engine.sequence import Sequence
 from engine.tensor_parallel import TensorParallel, check_shardable
 
 if torch.cuda.is_available():
     from engine.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 
-# Prompt positions whose logits are computed at once for prefill logprobs: bounds that step's
-# extra memory to PREFILL_LOGITS_CHUNK * vocab floats.
-PREFILL_LOGITS_CHUNK = 1024
+# Prefill steps run through the decode graphs, a row per new token (BatchInputBuilder.
+# prepare_prefill_rows), while their matmuls are small next to an eager step's host work: up
+# to this many tokens x parameters (Llama-3-8B: 249 tokens; SmolLM2-135M: as many as the
+# largest graph holds). H200, one prompt, eager / graphed step (benchmarks/gpu_prefill.py):
+# SmolLM2-shaped 7.1x at 16 tokens, 4.0x at 512; 8B-shaped 2.07x at 16, 1.02-1.24x at 256,
+# 0.79x at 512 (eager has flash attention, and an LM head over last positions only).
+GRAPHED_PREFILL_TOKEN_PARAMS = 2.0e12
 
 # Share of GPU memory left out of the KV cache when it is sized from memory.
 CUDA_HEADROOM_FRACTION = 0.03
@@ -72,9 +78,13 @@ class ModelRunner:
         self.inputs = BatchInputBuilder(self.block_size, self.device, self.device.type == "cuda")
         self.graphs = self._capture_graphs(config) if self._use_graphs else None
         self.decode_ahead = config.decode_ahead and self.graphs is not None
+        num_params = sum(p.numel() for p in self.model.parameters())
+        graphed_prefill_tokens = int(GRAPHED_PREFILL_TOKEN_PARAMS // num_params)
+        self.max_graphed_prefill_tokens = graphed_prefill_tokens if self.graphs else 0
         self._ahead: DeviceStep | None = None  # a decode step launched before it was asked for
         self.num_steps_run_ahead = 0  # launched early, and of those, taken by the next step:
         self.num_steps_ahead_taken = 0  # for tests and benchmarks
+        self.num_prefills_graphed = 0  # likewise: prefill steps run through the graphs
 
     def _load(self, config: EngineConfig, model_config: PretrainedConfig) -> None:
         """Join the other shards, if any, load this rank's weights and allocate its cache."""
@@ -175,46 +185,6 @@ class ModelRunner:
         """Drop per-request state (the sampler's generator) once a request is done."""
         self.sampler.release(request_id)
 
-    def _prefill_logprobs(
-        self,
-        hidden: torch.Tensor,  # [n, hidden] the packed prefill batch
-        seqs: list[Sequence],
-    ) -> list[tuple[float | None, ...] | None]:
-        """Per sequence that asks, each prompt token's logprob given the tokens before it.
-
-        Raw model distribution (no processors), as TGI's prefill tokens. Only the asking
-        sequences' positions get logits.
-        """
-        rows: list[int] = []  # positions whose logits predict a prompt token
-        targets: list[int] = []  # the token each of those positions predicts
-        start = 0
-        for seq in seqs:
-            # The block manager never serves a cached prefix to these sequences, so all of
-            # their tokens are in this batch.
-            if seq.needs_prefill_logprobs:
-                rows.extend(range(start, start + seq.num_tokens - 1))
-                targets.extend(seq.token_ids[1:])
-            start += seq.prefill_chunk
-        if not rows:
-            return [None] * len(seqs)
-        logprobs: list[float] = []  # [r]
-        for chunk in range(0, len(rows), PREFILL_LOGITS_CHUNK):  # bounds the [r, vocab] logits
-            chunk_rows = self.inputs.tensor(rows[chunk : chunk + PREFILL_LOGITS_CHUNK])
-            chunk_targets = self.inputs.tensor(targets[chunk : chunk + PREFILL_LOGITS_CHUNK])
-            logits = self.model.compute_logits(hidden[chunk_rows]).float()  # [c, vocab]
-            chosen = logits.gather(1, chunk_targets[:, None])[:, 0]  # [c]
-            logprobs.extend((chosen - logits.logsumexp(dim=-1)).tolist())
-        out: list[tuple[float | None, ...] | None] = []
-        offset = 0
-        for seq in seqs:
-            if seq.needs_prefill_logprobs:
-                end = offset + seq.num_tokens - 1
-                out.append((None, *logprobs[offset:end]))
-                offset = end
-            else:
-                out.append(None)
-        return out
-
     def forward(
         self,
         input_ids: torch.Tensor,  # [n]
@@ -232,6 +202,8 @@ class ModelRunner:
         ahead, self._ahead = self._ahead, None
         if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs)):
             return self._run_graph_decode(seqs, ahead, steady)
+        if is_prefill and self._can_graph_prefill(seqs):
+            return self._run_graph_prefill(seqs)
         prepare = self.inputs.prepare_prefill if is_prefill else self.inputs.prepare_decode
         input_ids, positions, meta = prepare(seqs)
         if self.shards is not None:
@@ -239,18 +211,51 @@ class ModelRunner:
         prefill_logprobs: list[tuple[float | None, ...] | None] = [None] * len(seqs)
         hidden = self.forward(input_ids, positions, meta)  # [n, hidden]
         if is_prefill:
-            # Only sequences whose chunk ends their prompt sample; the others read on.
             assert meta.seq_lens is not None
-            prefill_logprobs = self._prefill_logprobs(hidden, seqs)
-            last = (torch.tensor(meta.seq_lens).cumsum(0) - 1).tolist()
-            rows = [row for row, seq in zip(last, seqs, strict=True) if seq.completes_prefill]
-            prefill_logprobs = [lp for lp, seq in zip(prefill_logprobs, seqs, strict=True)
+            every_logprobs = compute_prefill_logprobs(self.model, self.inputs, hidden, seqs)
+            prefill_logprobs = [logprobs for logprobs, seq in zip(every_logprobs, seqs, strict=True)
                                 if seq.completes_prefill]  # fmt: skip
-            seqs = [seq for seq in seqs if seq.completes_prefill]
+            rows, seqs = self._sampling_rows(seqs)
             if not seqs:
                 return RunOutput([], [], [], [])
             hidden = hidden[self.inputs.tensor(rows)]  # [b, hidden]
-        sampled = self.sampler(self.model.compute_logits(hidden), seqs)  # [b, vocab] logits
+        return self._read_back(self.sampler(self.model.compute_logits(hidden), seqs),
+                               prefill_logprobs)  # fmt: skip
+
+    def _can_graph_prefill(self, seqs: list[Sequence]) -> bool:
+        num_tokens = sum(seq.prefill_chunk for seq in seqs)
+        return (
+            num_tokens <= self.max_graphed_prefill_tokens
+            and self.graphs is not None
+            and self.graphs.can_run(num_tokens)
+            and not any(seq.needs_prefill_logprobs for seq in seqs)  # they need every row
+        )
+
+    def _run_graph_prefill(self, seqs: list[Sequence]) -> RunOutput:
+        """A short prefill through the decode graphs, a row per new token; the logits of the
+        rows that end a prompt are sampled."""
+        assert self.graphs is not None
+        logits = self.graphs.run(*self.inputs.prepare_prefill_rows(seqs))  # [n, vocab]
+        self.num_prefills_graphed += 1
+        rows, seqs = self._sampling_rows(seqs)
+        if not seqs:
+            return RunOutput([], [], [], [])
+        logits = logits[self.inputs.tensor(rows)]  # [b, vocab]
+        return self._read_back(self.sampler(logits, seqs), [None] * len(seqs))
+
+    @staticmethod
+    def _sampling_rows(seqs: list[Sequence]) -> tuple[list[int], list[Sequence]]:
+        """Of a packed prefill, the sequences whose chunk ends their prompt (only those
+        sample; the others read on) and the row of each one's last token."""
+        ends = itertools.accumulate(seq.prefill_chunk for seq in seqs)
+        done = [(end - 1, seq) for end, seq in zip(ends, seqs, strict=True)
+                if seq.completes_prefill]  # fmt: skip
+        return [row for row, _ in done], [seq for _, seq in done]
+
+    @staticmethod
+    def _read_back(
+        sampled: SamplerOutput, prefill_logprobs: list[tuple[float | None, ...] | None]
+    ) -> RunOutput:
         # One device-to-host copy for both: the step's only synchronisation when no request
         # asks for top tokens or penalties.
         token_ids, logprobs = torch.stack(
