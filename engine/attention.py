@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 if torch.cuda.is_available():
     from engine.triton_paged_attention import paged_decode_attention
@@ -29,9 +30,9 @@ class AttentionMetadata:
     # tokens attend to those too, read through prefill_context_slots[i] (None: no sequence
     # has a cached prefix).
     prefill_context_slots: list[torch.Tensor] | None = None  # [b] x [cached + new]
-    # [b] x [new, cached + new] bool, True = attend (`prefix_causal_mask`); None for a
-    # sequence with no cached prefix. Built once per step: every layer uses the same.
-    prefill_masks: list[torch.Tensor | None] | None = None
+    # [b] x `prefix_causal_mask`: new token i attends to the context up to its own position;
+    # None for a sequence with no cached prefix. Built once per step: every layer uses it.
+    prefill_masks: list[torch.Tensor | CausalBias | None] | None = None
     # Decode: one new token per sequence, attending to its whole context through the cache.
     # [b * max_context_len] cache slot of each context position; padding repeats slot 0.
     context_slots: torch.Tensor | None = None
@@ -47,8 +48,9 @@ class AttentionMetadata:
         if self.slot_mapping.device == device:
             return self
 
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
+        def move(t: torch.Tensor | CausalBias | None) -> torch.Tensor | CausalBias | None:
+            # A CausalBias subclasses Tensor but holds no data: moving it would drop its sizes.
+            return t if t is None or isinstance(t, CausalBias) else t.to(device)
 
         context = self.prefill_context_slots
         masks = self.prefill_masks
@@ -102,9 +104,16 @@ def prefill_attention(
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def prefix_causal_mask(num_cached: int, num_new: int, device: torch.device) -> torch.Tensor:
-    """[new, cached + new] bool, True = attend: new token i (position num_cached + i) sees
-    the context's positions up to its own."""
+def prefix_causal_mask(
+    num_cached: int, num_new: int, device: torch.device
+) -> torch.Tensor | CausalBias:
+    """SDPA's mask for new tokens after a cached prefix: new token i (position num_cached + i)
+    sees the context's positions up to its own. On CUDA a lower-right causal bias, which SDPA
+    runs in flash attention (an explicit mask there falls back to the math kernels); on CPU a
+    [new, cached + new] bool tensor, True = attend, which SDPA takes as it is (the bias would
+    be materialised again in every layer)."""
+    if device.type == "cuda":
+        return causal_lower_right(num_new, num_cached + num_new)
     rows = torch.arange(num_new, device=device)[:, None] + num_cached
     return torch.arange(num_cached + num_new, device=device)[None] <= rows
 
@@ -130,7 +139,7 @@ def _causal_attention(
     q: torch.Tensor,  # [new, num_heads, head_dim], the last `new` positions of the context
     k: torch.Tensor,  # [ctx, num_kv_heads, head_dim], ctx = cached + new
     v: torch.Tensor,  # [ctx, num_kv_heads, head_dim]
-    mask: torch.Tensor | None,  # [new, ctx] bool, True = attend; None: plain causal (no prefix)
+    mask: torch.Tensor | CausalBias | None,  # prefix_causal_mask; None: causal (no prefix)
     scale: float,
 ) -> torch.Tensor:  # [new, num_heads, head_dim]
     # [1, heads, len, head_dim] views, as SDPA wants them

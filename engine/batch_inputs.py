@@ -3,6 +3,7 @@ the `AttentionMetadata` every layer shares (prepare_prefill / prepare_decode).""
 
 import numpy as np
 import torch
+from torch.nn.attention.bias import CausalBias
 
 from engine.attention import AttentionMetadata, prefix_causal_mask
 from engine.sequence import Sequence
@@ -82,7 +83,7 @@ class BatchInputBuilder:
         )
         return self.tensor(input_ids), self.tensor(positions), meta
 
-    def _prefix_mask(self, seq: Sequence) -> torch.Tensor | None:
+    def _prefix_mask(self, seq: Sequence) -> torch.Tensor | CausalBias | None:
         if not seq.num_cached_tokens:
             return None
         return prefix_causal_mask(seq.num_cached_tokens, seq.prefill_chunk, self.device)

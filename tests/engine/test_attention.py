@@ -1,4 +1,6 @@
+import pytest
 import torch
+from torch.nn.attention.bias import CausalBias
 
 from engine.attention import (
     AttentionMetadata,
@@ -32,7 +34,15 @@ def test_packed_prompts_each_attend_causally_to_themselves_alone():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_new_tokens_after_a_cached_prefix_attend_to_it_through_the_cache():
+DEVICES = [
+    ("cpu", torch.float32, 1e-5),
+    pytest.param("cuda", torch.bfloat16, 2e-2, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("device", "dtype", "tolerance"), DEVICES)
+def test_new_tokens_after_a_cached_prefix_attend_to_it_through_the_cache(device, dtype, tolerance):
     gen = torch.Generator().manual_seed(1)
     heads, kv_heads, head_dim, scale = 4, 2, 8, 8**-0.5
     cached, new, other = 6, 3, 4  # sequence 0: a cached prefix; sequence 1 (packed after): none
@@ -42,23 +52,27 @@ def test_new_tokens_after_a_cached_prefix_attend_to_it_through_the_cache():
     q1, k1, v1 = (
         torch.randn(other, h, head_dim, generator=gen) for h in (heads, kv_heads, kv_heads)
     )
+    expected = torch.cat([naive_causal(full_q, full_k, full_v, scale)[cached:],
+                          naive_causal(q1, k1, v1, scale)])  # fmt: skip
     # Blocks of 4 slots; sequence 0's whole context (prefix and new K/V) sits in slots 0..8.
     k_cache, v_cache = torch.zeros(2, 4, 4, kv_heads, head_dim)
     k_cache.view(-1, kv_heads, head_dim)[: cached + new] = full_k
     v_cache.view(-1, kv_heads, head_dim)[: cached + new] = full_v
+    mask = prefix_causal_mask(cached, new, torch.device(device))
+    # CUDA: a lower-right causal bias, so SDPA can run flash attention.
+    assert isinstance(mask, CausalBias) == (device == "cuda")
     meta = AttentionMetadata(
         is_prefill=True,
         slot_mapping=torch.arange(new + other),  # not read by the attention itself
         seq_lens=[new, other],
         prefill_context_slots=[torch.arange(cached + new), torch.arange(other)],
-        prefill_masks=[prefix_causal_mask(cached, new, torch.device("cpu")), None],
-    )
+        prefill_masks=[mask, None],
+    ).to(torch.device(device))
     q = torch.cat([full_q[cached:], q1])
     k, v = torch.cat([full_k[cached:], k1]), torch.cat([full_v[cached:], v1])
+    q, k, v, k_cache, v_cache = (t.to(device, dtype) for t in (q, k, v, k_cache, v_cache))
     out = prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
-    expected = torch.cat([naive_causal(full_q, full_k, full_v, scale)[cached:],
-                          naive_causal(q1, k1, v1, scale)])  # fmt: skip
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_prefill_backends_leave_out_cudnn_alone():
