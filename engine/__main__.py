@@ -64,7 +64,7 @@ def build(args):
     # Imported here so `--help` and download-weights do not pay for torch.
     from transformers import AutoConfig, AutoTokenizer
 
-    from engine.async_engine import AsyncEngine
+    from engine.async_engine import AsyncEngine, on_own_thread
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.metrics import EngineMetrics
@@ -72,7 +72,10 @@ def build(args):
     from engine.service import TextGenerationService
     from engine.validation import Limits
 
-    model_dir = resolve_model_dir(args.model_id, args.revision, args.huggingface_hub_cache)
+    # Torch work (a GGUF's first conversion, loading) off the main thread: on_own_thread.
+    model_dir = on_own_thread(
+        resolve_model_dir, args.model_id, args.revision, args.huggingface_hub_cache
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model_config = AutoConfig.from_pretrained(model_dir)
     import torch
@@ -81,7 +84,8 @@ def build(args):
     # As TGI on a GPU: with no --max-batch-total-tokens, the KV cache takes what memory is left.
     on_gpu = torch.cuda.is_available() and args.max_batch_total_tokens is None
     resolve_token_limits(args, model_config.max_position_embeddings, size_from_memory=on_gpu)
-    engine = LLMEngine(
+    engine = on_own_thread(
+        LLMEngine,
         EngineConfig(
             model_dir=str(model_dir),
             max_batch_total_tokens=args.max_batch_total_tokens,
@@ -98,7 +102,7 @@ def build(args):
             master_addr=args.master_addr,
             master_port=args.master_port,
             shard_uds_path=args.shard_uds_path,
-        )
+        ),
     )
     args.max_batch_total_tokens = engine.config.max_batch_total_tokens
     check_batch_total_tokens(args)
