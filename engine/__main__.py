@@ -84,26 +84,26 @@ def build(args):
     # As TGI on a GPU: with no --max-batch-total-tokens, the KV cache takes what memory is left.
     on_gpu = torch.cuda.is_available() and args.max_batch_total_tokens is None
     resolve_token_limits(args, model_config.max_position_embeddings, size_from_memory=on_gpu)
-    engine = on_own_thread(
-        LLMEngine,
-        EngineConfig(
-            model_dir=str(model_dir),
-            max_batch_total_tokens=args.max_batch_total_tokens,
-            cuda_memory_fraction=args.cuda_memory_fraction,
-            max_batch_prefill_tokens=args.max_batch_prefill_tokens,
-            max_batch_size=args.max_batch_size,
-            waiting_served_ratio=args.waiting_served_ratio,
-            enable_prefix_caching=args.prefix_caching,
-            max_waiting_tokens=args.max_waiting_tokens,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            num_shard=args.num_shard,
-            cuda_graphs=parse_cuda_graphs(args.cuda_graphs),
-            master_addr=args.master_addr,
-            master_port=args.master_port,
-            shard_uds_path=args.shard_uds_path,
-        ),
+    config = EngineConfig(
+        model_dir=str(model_dir),
+        max_batch_total_tokens=args.max_batch_total_tokens,
+        cuda_memory_fraction=args.cuda_memory_fraction,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+        max_batch_size=args.max_batch_size,
+        waiting_served_ratio=args.waiting_served_ratio,
+        enable_prefix_caching=args.prefix_caching,
+        max_waiting_tokens=args.max_waiting_tokens,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        num_shard=args.num_shard,
+        cuda_graphs=parse_cuda_graphs(args.cuda_graphs),
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        shard_uds_path=args.shard_uds_path,
     )
+    # Sharded, rank 0 spawns the shards, from the main thread (engine/distributed.py); each
+    # rank then runs its share of the cores' threads.
+    engine = on_own_thread(LLMEngine, config) if args.num_shard == 1 else LLMEngine(config)
     args.max_batch_total_tokens = engine.config.max_batch_total_tokens
     check_batch_total_tokens(args)
     log.info("model %s loaded from %s, num_shard=%d, quantize=%s", args.model_id, model_dir,
