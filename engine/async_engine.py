@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -37,21 +38,9 @@ def on_own_thread(fn: Callable[..., T], *args) -> T:
     workers to wake: on the 2-core CPU machine SmolLM2 took 61 ms a decode step with its
     weights loaded on the main thread, 40-42 ms loaded on a thread that had ended.
     """
-    outcome: list = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, fn(*args)))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller, who raises it
-            outcome.append((False, e))
-
-    thread = threading.Thread(target=run, name=getattr(fn, "__name__", "torch-work"))
-    thread.start()
-    thread.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
+    # Leaving the block shuts the pool down, which joins its one thread.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-work") as pool:
+        return pool.submit(fn, *args).result()
 
 
 class EngineDeadError(RuntimeError):
