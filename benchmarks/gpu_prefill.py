@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.gpu_engine import LLAMA3_8B, SMOLLM2, random_model_dir
-from engine.config import EngineConfig
+from benchmarks.gpu_speed import new_engine
 from engine.llm_engine import LLMEngine
 from engine.protocol import SamplingParams
 
@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     model_dir, _ = random_model_dir(SHAPES[args.shape], args.work_dir / args.shape, torch.bfloat16)
-    engine = LLMEngine(EngineConfig(model_dir=str(model_dir), dtype="bfloat16", device="cuda",
-                                    max_batch_total_tokens=None, cuda_memory_fraction=0.9,
-                                    max_batch_prefill_tokens=8192))  # fmt: skip
+    engine = new_engine(model_dir, cuda_graphs=None)  # gpu_speed's engine: default buckets
     gen = torch.Generator().manual_seed(0)
     rows = [compare(engine, case, args.reps, gen) for case in args.cases.split(",")]
     report = {"device": torch.cuda.get_device_name(), "shape": args.shape,
