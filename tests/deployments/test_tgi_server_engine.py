@@ -2,7 +2,9 @@
 engine, and the client's credentials and bodies reach it unchanged (no Ray: the plain class)."""
 
 import asyncio
+import itertools
 import json
+import time
 
 import pytest
 
@@ -49,7 +51,7 @@ def test_api_key_and_payload_limit_are_enforced_by_the_engine(default_model_dir)
     asyncio.run(scenario())
 
 
-def test_stream_sse_gives_the_same_events_in_fewer_messages(default_model_dir):
+def test_stream_sse_gives_the_same_events_at_most_every_interval(default_model_dir):
     cfg = ModelConfig(
         name="smollm2",
         model_id=str(default_model_dir),
@@ -68,13 +70,21 @@ def test_stream_sse_gives_the_same_events_in_fewer_messages(default_model_dir):
         await server.__init__(cfg)
         try:
             events = [e async for e in server.stream("/generate_stream", body)]
-            items = [i async for i in server.stream_sse("/generate_stream", body)]
+            items, arrived_at = [], []
+            async for item in server.stream_sse("/generate_stream", body):
+                items.append(item)
+                arrived_at.append(time.monotonic())
         finally:
             server.__del__()
-        return events, items
+        return events, items, arrived_at
 
-    events, items = asyncio.run(scenario())
+    events, items, arrived_at = asyncio.run(scenario())
     assert isinstance(items[0], dict)  # the launcher's x-* headers come first, alone
     assert len(events) == 1 + 12  # headers, 12 token events (the last with generated_text)
     assert "".join(items[1:]) == "".join(events[1:])  # greedy: the same events, in order
-    assert 2 <= len(items[1:]) < 12  # the first token at once, the rest at most every 0.1 s
+    assert 2 <= len(items[1:]) <= 12  # the first token at once, alone
+    # Text follows text 0.1 s apart at least, except the last message (sent when the
+    # stream ends). How many messages that makes depends on how fast this machine decodes.
+    text_arrivals = arrived_at[1:-1]
+    gaps = [b - a for a, b in itertools.pairwise(text_arrivals)]
+    assert all(gap >= 0.1 - 0.005 for gap in gaps), gaps
