@@ -8,19 +8,25 @@ place of the model's forward pass. Each request is routed at its arrival by one 
     ties at random;
   - batching_aware: deployments/router.py's ranking (`replica_loads`, `rank_replicas`) on
     EngineLoad reports taken every --report-period-s, corrected by an InFlightLedger of the
-    requests sent and finished since, as TGIRequestRouter does in Serve;
+    requests sent and finished since, then by the first-token forecast from the scheduler
+    snapshots sent with those reports (`rank_by_first_token`), as TGIRequestRouter does
+    in Serve;
   - oracle: knows both engines exactly and sends the request where it gets its first token
     soonest (a copy of each engine stepped forward with the request added; later arrivals
     unknown): a greedy router with perfect, instant knowledge, which no router reading
     reports can match request by request (greedy, so not the best possible at p99).
 A real run of benchmarks.routing takes minutes per configuration and its p99 is the worst
 few of a few hundred requests; here a grid of configurations x seeds takes a minute.
+What routers cannot know can be made to differ from what they forecast: each step's time
+drawn around the model's (--step-jitter, a lognormal sigma), and a share of the requests
+ending early at an EOS (--early-stop-share), which no router knows in advance.
 
     python -m benchmarks.routing_sim [--kv 1280 2048 --long-share 0.2 0.35 0.5 --rate 6 10]
 """
 
 import argparse
 import copy
+import dataclasses
 import heapq
 import itertools
 import json
@@ -34,9 +40,11 @@ from dataclasses import dataclass
 from benchmarks.common import RESULTS_DIR, machine
 from benchmarks.report import percentiles
 from deployments.engine_load import EngineLoad
+from deployments.first_token_forecast import rank_by_first_token
 from deployments.router import TGI_WAITING_SERVED_RATIO, rank_replicas, replica_loads
 from deployments.routing_state import InFlightLedger
 from engine.config import EngineConfig
+from engine.forecast import SchedulerSnapshot, StepTimes, take_snapshot
 from engine.llm_engine import scheduler_stats
 from engine.protocol import SamplingParams
 from engine.scheduler import Scheduler
@@ -44,6 +52,8 @@ from engine.sequence import Sequence
 
 ROUTERS = ("power_of_two", "batching_aware", "oracle")
 NUM_REPLICAS = 2
+EOS = 2
+FORECAST_MAX_SEQ_STEPS = 20_000  # TGIRequestRouter's default
 
 
 @dataclass(frozen=True)
@@ -52,12 +62,14 @@ class SimRequest:
     arrival_s: float
     num_prompt_tokens: int
     max_new_tokens: int
+    num_new_tokens: int  # what it generates: max_new_tokens, or fewer when it ends at an EOS
 
     def sequence(self) -> Sequence:
         # Distinct prompts (no prefix-cache hits), the same in every run.
         offset = zlib.crc32(self.request_id.encode())
-        prompt_ids = [1 + (offset + i) % 40_000 for i in range(self.num_prompt_tokens)]
-        return Sequence(self.request_id, prompt_ids, SamplingParams(self.max_new_tokens), 16)
+        prompt_ids = [3 + (offset + i) % 40_000 for i in range(self.num_prompt_tokens)]
+        params = SamplingParams(self.max_new_tokens, eos_token_ids=frozenset({EOS}))
+        return Sequence(self.request_id, prompt_ids, params, 16)
 
 
 @dataclass(frozen=True)
@@ -71,22 +83,32 @@ class Timing:
     prefill_s_per_token: float = 0.00001
     hop_s: float = 0.005  # routed -> in the engine's queue
     serve_overhead_s: float = 0.013
+    jitter: float = 0.0  # sigma of the lognormal factor each step's time is drawn with
 
-    def step(self, seqs: list[Sequence], is_prefill: bool) -> float:
+    def step(self, seqs: list[Sequence], is_prefill: bool, rng: random.Random) -> float:
         if is_prefill:
-            return self.step_s + self.prefill_s_per_token * sum(s.prefill_chunk for s in seqs)
-        return self.step_s + self.decode_s_per_seq * len(seqs)
+            seconds = self.step_s + self.prefill_s_per_token * sum(s.prefill_chunk for s in seqs)
+        else:
+            seconds = self.step_s + self.decode_s_per_seq * len(seqs)
+        return seconds * rng.lognormvariate(0.0, self.jitter) if self.jitter else seconds
 
 
 class SimEngine:
     """One replica's engine: a real Scheduler, busy until its current step ends."""
 
-    def __init__(self, kv_tokens: int) -> None:
+    def __init__(self, kv_tokens: int, seed: int) -> None:
         config = EngineConfig(model_dir="unused", max_batch_total_tokens=kv_tokens,
                               max_batch_prefill_tokens=1024)  # fmt: skip
         self.kv_tokens = kv_tokens
         self.scheduler = Scheduler(config)
         self.busy_until = 0.0
+        self.step_times = StepTimes()  # measured as the engine measures its own
+        self.num_new_tokens: dict[str, int] = {}  # by request id: when it ends
+        self._rng = random.Random(seed)
+
+    def add(self, request: SimRequest) -> None:
+        self.num_new_tokens[request.request_id] = request.num_new_tokens
+        self.scheduler.add(request.sequence())
 
     def step(self, now: float, timing: Timing) -> tuple[float, list[Sequence]]:
         """Run one step from `now` (there must be work): (its end, the sequences that got
@@ -95,22 +117,28 @@ class SimEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:  # the Scheduler always has a step for unfinished sequences
             raise RuntimeError("the scheduler has sequences but no step")
-        end = now + timing.step(seqs, is_prefill)
+        seconds = timing.step(seqs, is_prefill, self._rng)
+        num_tokens = sum(s.prefill_chunk for s in seqs) if is_prefill else len(seqs)
+        self.step_times.observe(is_prefill, num_tokens, seconds)
         if is_prefill:
             seqs = self.scheduler.finish_prefill(seqs)
-        self.scheduler.postprocess(seqs, [7] * len(seqs))  # 7: never an EOS here
-        self.busy_until = end
-        return end, seqs
+        last = [s.num_completion_tokens + 1 >= self.num_new_tokens[s.request_id] for s in seqs]
+        self.scheduler.postprocess(seqs, [EOS if end else 7 for end in last])
+        self.busy_until = now + seconds
+        return self.busy_until, seqs
 
-    def load(self, now: float) -> EngineLoad:
-        """What its /metrics would report now: the engine's own `scheduler_stats`."""
+    def load(self, now: float) -> tuple[EngineLoad, SchedulerSnapshot]:
+        """What its /metrics and /scheduler would report now."""
         stats = scheduler_stats(self.scheduler, self.kv_tokens)
-        return EngineLoad(
+        load = EngineLoad(
             num_queued=stats.num_waiting, num_running=stats.num_running,
             num_batch_max_tokens=stats.num_batch_max_tokens, reported_at=now,
             max_batch_total_tokens=stats.max_batch_total_tokens,
             num_free_blocks=stats.num_free_blocks, num_total_blocks=stats.num_total_blocks,
         )  # fmt: skip
+        # The engine takes it between two steps: at the end of the one running now.
+        snapshot = take_snapshot(self.scheduler, self.step_times)
+        return load, dataclasses.replace(snapshot, taken_at=max(self.busy_until, now))
 
 
 class PowerOfTwo:
@@ -134,12 +162,13 @@ class PowerOfTwo:
 
 
 class BatchingAware:
-    """deployments/router.py's ranking on periodic reports plus its in-flight ledger."""
+    """TGIRequestRouter's choice on periodic reports plus its in-flight ledger."""
 
     def __init__(self, seed: int) -> None:
         random.seed(seed)  # rank_replicas breaks ties with the random module
         self._ledger = InFlightLedger(reservation_ttl_s=5.0)
         self._reports: dict[Hashable, EngineLoad | None] = dict.fromkeys(range(NUM_REPLICAS))
+        self._snapshots: dict[Hashable, SchedulerSnapshot | None] = {}
 
     def choose(self, request: SimRequest, now: float) -> int:
         reported_at = {r: load.reported_at if load else None for r, load in self._reports.items()}
@@ -149,15 +178,23 @@ class BatchingAware:
             self._reports, self._ledger.unreported(reported_at, now), num_tokens,
             request.max_new_tokens, 256, 16_384, TGI_WAITING_SERVED_RATIO,
         )  # fmt: skip
-        choice = rank_replicas(loads, preferred=None, affinity_slack=0.1)[0]
-        self._ledger.confirm(request.request_id, choice, num_tokens, now)
-        return choice
+        ranked = rank_replicas(loads, preferred=None, affinity_slack=0.1)
+        sent_since = {r: self._ledger.sent_since(r, s.taken_at)
+                      for r, s in self._snapshots.items() if s}  # fmt: skip
+        request_tokens = (request.num_prompt_tokens, request.max_new_tokens)
+        ranked = rank_by_first_token(ranked, self._snapshots, sent_since, request_tokens, now,
+                                     FORECAST_MAX_SEQ_STEPS)  # fmt: skip
+        self._ledger.confirm(request.request_id, ranked[0], num_tokens, now,
+                             request.max_new_tokens)  # fmt: skip
+        return ranked[0]
 
     def finished(self, request_id: str, replica: int, now: float) -> None:
         self._ledger.finish(request_id, now)
 
     def report(self, engines: list[SimEngine], now: float) -> None:
-        self._reports = {r: engine.load(now) for r, engine in enumerate(engines)}
+        reports = {r: engine.load(now) for r, engine in enumerate(engines)}
+        self._reports = {r: load for r, (load, _) in reports.items()}
+        self._snapshots = {r: snapshot for r, (_, snapshot) in reports.items()}
 
 
 class Oracle:
@@ -179,7 +216,7 @@ class Oracle:
         t = max(engine.busy_until, now)
         while True:
             while arrivals and arrivals[0][0] <= t:
-                engine.scheduler.add(arrivals.pop(0)[1].sequence())
+                engine.add(arrivals.pop(0)[1])
             if not engine.scheduler.has_unfinished_seqs():
                 t = arrivals[0][0]
                 continue
@@ -196,25 +233,29 @@ class Oracle:
 
 def poisson_workload(
     num_requests: int, rate: float, long_share: float, seed: int,
-    short_tokens: int = 16, long_tokens: int = 512,
+    short_tokens: int = 16, long_tokens: int = 512, early_stop_share: float = 0.0,
 ) -> list[SimRequest]:  # fmt: skip
     """benchmarks.routing's skewed workload: prompts of 32-128 tokens, `long_share` of the
-    requests (at seeded positions) generating `long_tokens`, the rest `short_tokens`."""
+    requests (at seeded positions) allowed `long_tokens`, the rest `short_tokens`; each
+    ends at an EOS after a quarter to all of them with probability `early_stop_share`."""
     rng = random.Random(seed)
     long_ids = set(rng.sample(range(num_requests), round(long_share * num_requests)))
+    ends = random.Random(seed + 1)  # the same arrivals and lengths whatever the share
     arrival = 0.0
     requests = []
     for i in range(num_requests):
         arrival += rng.expovariate(rate)
-        new_tokens = long_tokens if i in long_ids else short_tokens
-        requests.append(SimRequest(f"r{i}", arrival, rng.randint(32, 128), new_tokens))
+        max_new = long_tokens if i in long_ids else short_tokens
+        early = ends.random() < early_stop_share
+        num_new = ends.randint(max(max_new // 4, 1), max_new) if early else max_new
+        requests.append(SimRequest(f"r{i}", arrival, rng.randint(32, 128), max_new, num_new))
     return requests
 
 
 def simulate(requests: list[SimRequest], router_name: str, kv_tokens: int, timing: Timing,
              report_period_s: float, seed: int) -> list[float]:  # fmt: skip
     """Every request's TTFT in seconds, in arrival order."""
-    engines = [SimEngine(kv_tokens) for _ in range(NUM_REPLICAS)]
+    engines = [SimEngine(kv_tokens, seed * NUM_REPLICAS + r) for r in range(NUM_REPLICAS)]
     in_transit: list = []  # heap of (reaches the engine at, tie-break, replica, request)
     if router_name == "oracle":
         router = Oracle(seed, engines, in_transit, timing)
@@ -241,7 +282,7 @@ def simulate(requests: list[SimRequest], router_name: str, kv_tokens: int, timin
             heapq.heappush(in_transit, (now + timing.hop_s, next(order), replica, request))
         while in_transit and in_transit[0][0] <= now:
             _, _, replica, request = heapq.heappop(in_transit)
-            engines[replica].scheduler.add(request.sequence())
+            engines[replica].add(request)
         for replica, engine in enumerate(engines):
             if engine.busy_until > now or not engine.scheduler.has_unfinished_seqs():
                 continue
@@ -262,13 +303,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--num-requests", type=int, default=240)
     p.add_argument("--report-period-s", type=float, default=0.5)
+    p.add_argument("--step-jitter", type=float, default=0.0,
+                   help="sigma of the lognormal factor on each step's time")  # fmt: skip
+    p.add_argument(
+        "--early-stop-share",
+        type=float,
+        default=0.0,
+        help="share of the requests that end at an EOS before their max new tokens",
+    )
     p.add_argument("--out", default=str(RESULTS_DIR / "routing_sim.json"))
     args = p.parse_args(argv)
-    timing = Timing()
+    timing = Timing(jitter=args.step_jitter)
     rows = []
     for kv, share, rate in itertools.product(args.kv, args.long_share, args.rate):
         for seed in range(args.seeds):
-            requests = poisson_workload(args.num_requests, rate, share, seed)
+            requests = poisson_workload(args.num_requests, rate, share, seed,
+                                        early_stop_share=args.early_stop_share)  # fmt: skip
             ttft = {name: percentiles(simulate(requests, name, kv, timing, args.report_period_s,
                                                seed)) for name in ROUTERS}  # fmt: skip
             p99 = {name: round(t["p99"], 1) for name, t in ttft.items()}
@@ -283,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"command": "python -m benchmarks.routing_sim " + " ".join(argv or sys.argv[1:]),
                    "machine": machine(), "timing": timing.__dict__,
                    "report_period_s": args.report_period_s, "num_requests": args.num_requests,
+                   "early_stop_share": args.early_stop_share,
                    "summary": summary, "rows": rows}, f, indent=1)  # fmt: skip
     return 0
 

@@ -24,6 +24,10 @@ those running and queued. Replicas rank as the engine would serve the request:
 A prompt whose prefix a replica served recently goes back there (its prefix cache holds
 the KV) if that replica has room and its score is at most `affinity_slack` above the
 lowest.
+
+Replicas that report their engine's scheduler (the embedded engine) then rank by when the
+request would get its first token there (deployments/first_token_forecast.py), the order
+above breaking ties and ranking the others.
 """
 
 import math
@@ -41,6 +45,7 @@ from ray.serve.request_router import (
 )
 
 from deployments.engine_load import EngineLoad
+from deployments.first_token_forecast import rank_by_first_token, read_snapshot
 from deployments.routed_request import RoutedRequest, read_routed_request
 from deployments.routing_state import InFlightLedger, PrefixIndex, Unreported
 
@@ -205,6 +210,7 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
         default_capacity_tokens: int = 16_384,
         reservation_ttl_s: float = 5.0,
         waiting_served_ratio: float = TGI_WAITING_SERVED_RATIO,
+        forecast_max_seq_steps: int = 20_000,
     ) -> None:
         """Configuration, from `RequestRouterConfig.request_router_kwargs`.
 
@@ -217,6 +223,8 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
         default_capacity_tokens: KV capacity assumed for a replica until it reports one.
         reservation_ttl_s: how long a ranked but never accepted request counts.
         waiting_served_ratio: the engines' --waiting-served-ratio.
+        forecast_max_seq_steps: how far a first-token forecast looks ahead, in sequences
+            stepped (a step of n sequences counts n); 0: no forecasts.
         """
         self._prefix_index = PrefixIndex(prefix_lengths_chars, max_prefix_entries)
         self._ledger = InFlightLedger(reservation_ttl_s)
@@ -225,6 +233,7 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
         self._default_max_new_tokens = default_max_new_tokens
         self._default_capacity_tokens = default_capacity_tokens
         self._waiting_served_ratio = waiting_served_ratio
+        self._forecast_max_seq_steps = forecast_max_seq_steps
 
     # --- ranking -----------------------------------------------------------------------
 
@@ -245,12 +254,17 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
             self._prefix_index.lookup(request.prompt) if request else None,
             self._affinity_slack,
         )
+        if request is not None and self._forecast_max_seq_steps:
+            ranked_ids = self._by_first_token(
+                ranked_ids, candidate_replicas, num_tokens - num_new_tokens, num_new_tokens
+            )
         if request is not None and pending_request is not None:
             self._ledger.reserve(
                 pending_request.metadata.internal_request_id,
                 ranked_ids[0],
                 num_tokens,
                 self._get_curr_time_s(),
+                num_new_tokens,
             )
         by_id = {r.replica_id: r for r in candidate_replicas}
         return [[by_id[replica_id]] for replica_id in ranked_ids]
@@ -271,6 +285,21 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
             self._waiting_served_ratio,
         )  # fmt: skip
 
+    def _by_first_token(
+        self, ranked_ids: list[Hashable], replicas: list[RunningReplica],
+        num_prompt_tokens: int, num_new_tokens: int,
+    ) -> list[Hashable]:  # fmt: skip
+        snapshots = {r.replica_id: read_snapshot(r.routing_stats) for r in replicas}
+        sent_since = {
+            r: self._ledger.sent_since(r, snapshot.taken_at)
+            for r, snapshot in snapshots.items()
+            if snapshot is not None
+        }
+        return rank_by_first_token(
+            ranked_ids, snapshots, sent_since, (num_prompt_tokens, num_new_tokens),
+            self._get_curr_time_s(), self._forecast_max_seq_steps,
+        )  # fmt: skip
+
     def _estimate_tokens(self, request: RoutedRequest) -> int:
         return request.estimate_tokens(self._chars_per_token, self._default_max_new_tokens)
 
@@ -287,6 +316,7 @@ class TGIRequestRouter(FIFOMixin, RequestRouter):
             replica_id,
             self._estimate_tokens(request),
             self._get_curr_time_s(),
+            request.max_new_tokens or self._default_max_new_tokens,
         )
         if request.prompt:
             self._prefix_index.record(request.prompt, replica_id)

@@ -65,9 +65,10 @@ class Unreported:
 @dataclass
 class _Sent:
     replica_id: Hashable
-    num_tokens: int
+    num_tokens: int  # prompt + new tokens
     sent_at: float
     confirmed: bool  # the replica accepted it (on_request_routed); else a reservation
+    num_new_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,18 @@ class InFlightLedger:
     def __len__(self) -> int:
         return len(self._sent)
 
-    def reserve(self, request_id: str, replica_id: Hashable, num_tokens: int, now: float) -> None:
-        self._add(request_id, _Sent(replica_id, num_tokens, now, confirmed=False))
+    def reserve(
+        self, request_id: str, replica_id: Hashable, num_tokens: int, now: float,
+        num_new_tokens: int = 0,
+    ) -> None:  # fmt: skip
+        """`num_tokens`: prompt + new tokens, `num_new_tokens` of them new."""
+        self._add(request_id, _Sent(replica_id, num_tokens, now, False, num_new_tokens))
 
-    def confirm(self, request_id: str, replica_id: Hashable, num_tokens: int, now: float) -> None:
-        self._add(request_id, _Sent(replica_id, num_tokens, now, confirmed=True))
+    def confirm(
+        self, request_id: str, replica_id: Hashable, num_tokens: int, now: float,
+        num_new_tokens: int = 0,
+    ) -> None:  # fmt: skip
+        self._add(request_id, _Sent(replica_id, num_tokens, now, True, num_new_tokens))
 
     def _add(self, request_id: str, entry: _Sent) -> None:
         self._sent.pop(request_id, None)
@@ -151,6 +159,15 @@ class InFlightLedger:
             still_relevant.append(done)  # a report still in transit may count it
         self._finished = still_relevant
         return {r: Unreported(num_tokens[r], num_requests[r]) for r in num_tokens}
+
+    def sent_since(self, replica_id: Hashable, since: float) -> list[tuple[float, int, int]]:
+        """(sent at, prompt tokens, new tokens) of the requests sent to a replica after
+        `since` (its last report), reservations included."""
+        return [
+            (e.sent_at, e.num_tokens - e.num_new_tokens, e.num_new_tokens)
+            for e in self._sent.values()
+            if e.replica_id == replica_id and e.sent_at > since
+        ]
 
     def forget_replicas_except(self, live_replica_ids: Iterable[Hashable]) -> None:
         live = set(live_replica_ids)

@@ -24,6 +24,7 @@ from deployments.autoscaling import EngineQueuePolicy
 from deployments.coalesce import MessageBudget
 from deployments.engine_load import EngineLoad
 from deployments.errors import TGIError
+from deployments.first_token_forecast import SCHEDULER_STATS_KEY
 from deployments.launcher import Launcher, embedded_env, free_port, launcher_command
 from deployments.placement import launcher_env, placement_options, reserve_shard_gpus
 from deployments.router import TGI_WAITING_SERVED_RATIO, TGIRequestRouter
@@ -257,7 +258,18 @@ class TGIServer:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Serve every routing_stats_period_s; read by deployments/router.py."""
-        return (await self._engine_load()).to_routing_stats()
+        stats = (await self._engine_load()).to_routing_stats()
+        # Real TGI has no scheduler snapshot to give.
+        if self.model_cfg.engine == "embedded" and (snapshot := await self._engine_scheduler()):
+            stats[SCHEDULER_STATS_KEY] = snapshot
+        return stats
+
+    async def _engine_scheduler(self) -> dict[str, Any] | None:
+        """The embedded engine's scheduler snapshot (engine/forecast.py); None if this
+        launcher does not serve one."""
+        timeout = aiohttp.ClientTimeout(total=5.0)
+        async with self._session.get("/scheduler", timeout=timeout) as reply:
+            return await reply.json() if reply.status == 200 else None
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Polled by Serve; read by deployments/autoscaling.py."""

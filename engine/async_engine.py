@@ -9,6 +9,7 @@ The thread that serves HTTP runs no torch op at all: torch work before the loop 
 """
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from engine.forecast import SchedulerSnapshot, StepTimes, take_snapshot
 from engine.llm_engine import EngineStats, LLMEngine
 from engine.metrics import EngineMetrics
 from engine.protocol import SamplingParams, TokenStep
@@ -62,6 +64,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.stats: EngineStats = engine.stats()  # refreshed by the loop thread after each step
         self.error: BaseException | None = None
+        self.step_times = StepTimes()  # updated by the loop thread after each step
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wakeup = threading.Event()
@@ -98,6 +101,14 @@ class AsyncEngine:
             if not finished:
                 self._post(("abort", request_id))
 
+    async def snapshot(self) -> SchedulerSnapshot:
+        """The scheduler's state between two steps, for forecasts (engine/forecast.py)."""
+        if not self.is_alive:
+            raise EngineDeadError(f"engine loop stopped: {self.error!r}")
+        taken: concurrent.futures.Future = concurrent.futures.Future()
+        self._post(("snapshot", taken))
+        return await asyncio.wrap_future(taken)
+
     def shutdown(self) -> None:
         """Stop the loop thread after its current step, then the engine (and its shards)."""
         self._stopping = True
@@ -111,7 +122,13 @@ class AsyncEngine:
 
     def _apply_commands(self) -> None:
         while not self._commands.empty():
-            kind, request_id, *rest = self._commands.get()
+            command = self._commands.get()
+            if command[0] == "snapshot":
+                taken = command[1]
+                if taken.set_running_or_notify_cancel():  # False: the caller gave up
+                    taken.set_result(take_snapshot(self.engine.scheduler, self.step_times))
+                continue
+            kind, request_id, *rest = command
             if kind == "abort":
                 self.engine.abort_request(request_id)
                 continue
@@ -127,6 +144,8 @@ class AsyncEngine:
         stream.put(item)
 
     def _observe_step(self, seconds: float) -> None:
+        engine = self.engine
+        self.step_times.observe(engine.last_step_was_prefill, engine.last_step_num_tokens, seconds)
         if self.metrics is None:
             return
         method = "prefill" if self.engine.last_step_was_prefill else "decode"

@@ -49,15 +49,17 @@ class BlockManager:
         (prefix hits can only lower what it takes)."""
         return self.num_free_blocks >= seq.num_blocks + num_reserved_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give a sequence that holds no blocks blocks for all its current tokens: cached
-        ones for its longest cached prefix (seq.num_cached_tokens), fresh ones for the rest."""
+    def allocate(self, seq: Sequence, num_blocks: int | None = None) -> None:
+        """Give a sequence that holds no blocks blocks for all its current tokens (or
+        `num_blocks`, as many as it held when rebuilt from a snapshot): cached ones for its
+        longest cached prefix (seq.num_cached_tokens), fresh ones for the rest."""
         assert not seq.block_table, f"{seq} already holds blocks"
-        if not self.can_allocate(seq):
+        num_blocks = seq.num_blocks if num_blocks is None else num_blocks
+        if self.num_free_blocks < num_blocks:
             raise RuntimeError(f"not enough free KV blocks for {seq}")
         if self.enable_prefix_caching and not seq.params.prefill_logprobs:
             self._take_cached_prefix(seq)
-        while len(seq.block_table) < seq.num_blocks:
+        while len(seq.block_table) < num_blocks:
             seq.block_table.append(self._take_free())
 
     def _take_cached_prefix(self, seq: Sequence) -> None:

@@ -7,7 +7,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 # As TGI: generation needs the key; health, info, models, metrics and docs do not.
-OPEN_PATHS = frozenset({"/health", "/info", "/v1/models", "/metrics", "/docs",
+OPEN_PATHS = frozenset({"/health", "/info", "/v1/models", "/metrics", "/scheduler", "/docs",
                         "/api-doc/openapi.json", "/docs/oauth2-redirect"})  # fmt: skip
 
 

@@ -59,6 +59,7 @@ class LLMEngine:
         # A step run ahead writes one position past each sequence's newest token.
         self.scheduler = Scheduler(config, num_lookahead_slots=int(self.model_runner.decode_ahead))
         self.last_step_was_prefill = False
+        self.last_step_num_tokens = 0  # tokens its forward pass computed
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request. ValueError if the id is in use or it can never fit the KV cache."""
@@ -83,6 +84,7 @@ class LLMEngine:
         if not seqs:
             return []
         self.last_step_was_prefill = is_prefill  # for metrics: TGI's {method} label
+        self.last_step_num_tokens = sum(s.prefill_chunk for s in seqs) if is_prefill else len(seqs)
         out = self.model_runner.run(seqs, is_prefill, steady=self.scheduler.is_steady())
         if is_prefill:
             seqs = self.scheduler.finish_prefill(seqs)

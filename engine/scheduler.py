@@ -38,7 +38,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # FIFO; preempted sequences go to the front
         self.running: deque[Sequence] = deque()  # oldest first, so the newest is running[-1]
         self.prefilling: deque[Sequence] = deque()  # hold all their blocks, prompt partly read
-        self._last_step_was_prefill = False
+        self.last_step_was_prefill = False
         self._seqs: dict[str, Sequence] = {}  # every unfinished sequence, by request id
 
     @property
@@ -69,6 +69,19 @@ class Scheduler:
         self._seqs[seq.request_id] = seq
         self.waiting.append(seq)
 
+    def restore(self, seq: Sequence, queue: str, num_blocks: int = 0) -> None:
+        """Put a sequence rebuilt from a snapshot (engine/forecast.py) at the end of its
+        queue, "waiting", "prefilling" or "running"; the last two get the `num_blocks` it
+        held. Its num_cached_tokens says how much of it was read (a scheduler without a
+        prefix cache leaves that as it is)."""
+        self._seqs[seq.request_id] = seq
+        if queue == "waiting":
+            self.waiting.append(seq)
+            return
+        self.block_manager.allocate(seq, num_blocks)
+        seq.status = SequenceStatus.RUNNING
+        (self.prefilling if queue == "prefilling" else self.running).append(seq)
+
     def abort(self, request_id: str) -> Sequence | None:
         """Drop a sequence wherever it is and free its blocks; None if unknown or finished."""
         seq = self._seqs.get(request_id)
@@ -86,18 +99,18 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Pick the next batch: (sequences, is_prefill); ([], False) when there is no work."""
         # Between two chunks of a long prompt, the running sequences decode once.
-        decode_first = self.prefilling and self.running and self._last_step_was_prefill
+        decode_first = self.prefilling and self.running and self.last_step_was_prefill
         if not decode_first and (prefill := self._schedule_prefill(self._may_join())):
             self.num_steps_since_join = 1
-            self._last_step_was_prefill = True
+            self.last_step_was_prefill = True
             return prefill, True
-        self._last_step_was_prefill = False
+        self.last_step_was_prefill = False
         if decode := self._schedule_decode():
             self.num_steps_since_join += 1
             return decode, False
         # A lone sequence that preempted itself fits the now empty cache: recompute it.
         if prefill := self._schedule_prefill(admit_waiting=True):
-            self._last_step_was_prefill = True
+            self.last_step_was_prefill = True
             return prefill, True
         return [], False
 

@@ -1,10 +1,13 @@
 """The engine's HTTP API: TGI's routes (this file) and OpenAI's (openai_routes.py)."""
 
+import asyncio
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import openai_routes
+from engine.async_engine import EngineDeadError
 from engine.disconnect import CancelOnDisconnect
 from engine.errors import RequestError, ValidationError
 from engine.http_guards import install_guards
@@ -53,6 +56,17 @@ def create_app(service: TextGenerationService, info: dict, args) -> FastAPI:
         if service.engine.is_alive:
             return JSONResponse(None, status_code=200)
         return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
+
+    @app.get("/scheduler")
+    async def scheduler() -> JSONResponse:
+        """ray-tgi's own route, not TGI's: the scheduler's state between two steps, which
+        the request router forecasts from (engine/forecast.py)."""
+        try:
+            snapshot = await asyncio.wait_for(service.engine.snapshot(), timeout=10)
+        except (EngineDeadError, TimeoutError) as e:
+            body = {"error": f"no scheduler snapshot: {e!r}", "error_type": "unhealthy"}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(snapshot.to_dict())
 
     @app.get("/info")
     async def get_info() -> dict:

@@ -7,6 +7,7 @@ through `update_replica_info`. Time is a fake clock given to the router.
 
 import asyncio
 import dataclasses
+import json
 
 import pytest
 from ray.serve._private.common import (
@@ -21,10 +22,16 @@ from ray.serve.request_router import PendingRequest, RunningReplica
 
 from deployments.autoscaling import ENGINE_BATCH_TOKEN_USAGE, ENGINE_QUEUED_REQUESTS
 from deployments.engine_load import EngineLoad
+from deployments.first_token_forecast import SCHEDULER_STATS_KEY
 from deployments.routed_request import RoutedRequest, read_routed_request
 from deployments.router import TGIRequestRouter, has_kv_room, joins_at_once, load_score
 from deployments.routing_state import InFlightLedger, PrefixIndex, Unreported
+from engine.config import EngineConfig
+from engine.forecast import SchedulerSnapshot, StepTimes, take_snapshot
 from engine.metrics import EngineMetrics
+from engine.protocol import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
 
 DEPLOYMENT = DeploymentID(name="TGIServer:m", app_name="default")
 CAPACITY = 10_000  # KV tokens of every replica here
@@ -41,12 +48,18 @@ class Clock:
 class FakeReplica(RunningReplica):
     """A RunningReplica with no actor behind it (the base constructor looks it up)."""
 
-    def __init__(self, name: str, load: EngineLoad | None = None):
+    def __init__(
+        self, name: str, load: EngineLoad | None = None, snapshot: SchedulerSnapshot | None = None
+    ):
         self.name = name
-        self.report(load)
+        self.report(load, snapshot)
 
-    def report(self, load: EngineLoad | None) -> None:
-        """A new routing-stats report, delivered the way Serve's long poll delivers it."""
+    def report(self, load: EngineLoad | None, snapshot: SchedulerSnapshot | None = None) -> None:
+        """A new routing-stats report, delivered the way Serve's long poll delivers it;
+        with the engine's scheduler snapshot if given, as TGIServer sends it."""
+        stats = load.to_routing_stats() if load else {}
+        if snapshot is not None:
+            stats[SCHEDULER_STATS_KEY] = json.loads(json.dumps(snapshot.to_dict()))
         info = RunningReplicaInfo(
             replica_id=ReplicaID(unique_id=self.name, deployment_id=DEPLOYMENT),
             node_id=None,
@@ -54,7 +67,7 @@ class FakeReplica(RunningReplica):
             availability_zone=None,
             actor_name=f"replica-{self.name}",
             max_ongoing_requests=128,
-            routing_stats=load.to_routing_stats() if load else {},
+            routing_stats=stats,
         )
         self.update_replica_info(info)
 
@@ -400,6 +413,63 @@ def test_serve_loads_the_router_and_its_kwargs_from_the_config():
     a, b = FakeReplica("a", load(3000)), FakeReplica("b", load(1000))
     ranks = asyncio.run(router.choose_replicas([a, b]))
     assert [rank[0].replica_id.unique_id for rank in ranks] == ["b", "a"]
+
+
+# --- ranking by a first-token forecast ----------------------------------------------------
+
+
+def engine_snapshot(num_new_tokens_left: int, *, at: float = 999.99) -> SchedulerSnapshot:
+    """An engine with a 1,024-token cache running one sequence of 513 tokens (32 of its 64
+    blocks) that has `num_new_tokens_left` tokens to go; its steps take 10 ms. Taken one
+    step before the harness clock's now."""
+    scheduler = Scheduler(EngineConfig(model_dir="", max_batch_total_tokens=1024))
+    params = SamplingParams(max_new_tokens=num_new_tokens_left + 1)
+    scheduler.add(Sequence("running", list(range(512)), params, block_size=16))
+    seqs, _ = scheduler.schedule()  # its prefill: its first token
+    scheduler.postprocess(scheduler.finish_prefill(seqs), [7])
+    snapshot = take_snapshot(scheduler, StepTimes(decode_s=0.010, prefill_s_per_token=1e-5))
+    return dataclasses.replace(snapshot, taken_at=at)
+
+
+# 700 prompt tokens (4 characters each): 44 blocks, more than the 32 either engine has free.
+LONG_PROMPT = "x" * 2800
+
+
+def test_the_replica_whose_cache_frees_sooner_ranks_first_whatever_its_load():
+    h = Harness()
+    # By load, "a" looks better (less reserved); its sequence runs 400 more steps, b's 20.
+    a = FakeReplica("a", load(600), engine_snapshot(400))
+    b = FakeReplica("b", load(900), engine_snapshot(20))
+    assert h.rank([a, b], generate_body(LONG_PROMPT, 10)) == ["b", "a"]
+    assert h.rank([a, b], generate_body("Hi", 10)) == ["a", "b"]  # fits both: load decides
+
+
+def test_requests_sent_since_the_snapshot_count_in_the_forecast():
+    h = Harness()
+    a = FakeReplica("a", load(900), engine_snapshot(20))
+    b = FakeReplica("b", load(900), engine_snapshot(60))
+    _, first = h.send([a, b], generate_body(LONG_PROMPT, 200))
+    assert first == "a"  # its sequence ends 40 steps sooner
+    # The first one holds a's cache for 200 steps after those 20: b frees room sooner now.
+    assert h.rank([a, b], generate_body(LONG_PROMPT, 10)) == ["b", "a"]
+
+
+def test_equal_forecasts_keep_the_prefix_affinity():
+    h = Harness(affinity_slack=0.1)
+    a = FakeReplica("a", load(1000), engine_snapshot(5))
+    b = FakeReplica("b", load(2000), engine_snapshot(5))
+    request_id, chosen = h.send([a, b], generate_body(SYSTEM_PROMPT + "Hello", 10))
+    assert chosen == "a"
+    h.complete(request_id, a)
+    b.report(load(500), engine_snapshot(5))  # a little less loaded than a now
+    assert h.rank([a, b], generate_body(SYSTEM_PROMPT + "Bonjour", 10)) == ["a", "b"]
+
+
+def test_forecasts_off_leave_the_load_ranking():
+    h = Harness(forecast_max_seq_steps=0)
+    a = FakeReplica("a", load(600), engine_snapshot(400))
+    b = FakeReplica("b", load(900), engine_snapshot(20))
+    assert h.rank([a, b], generate_body(LONG_PROMPT, 10)) == ["a", "b"]
 
 
 # --- the pieces ----------------------------------------------------------------------------

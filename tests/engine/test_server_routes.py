@@ -144,3 +144,23 @@ def test_metrics_count_prefix_cache_lookups_and_hits(client):
         assert client.post("/generate", json=body).status_code == 200
     assert counter("ray_tgi_prefix_cache_hits") > before
     assert counter("ray_tgi_prefix_cache_lookups") >= counter("ray_tgi_prefix_cache_hits")
+
+
+def test_scheduler_snapshot_shows_a_running_request_and_the_steps_times(engine_url):
+    with httpx.Client(base_url=engine_url, timeout=60) as open_client:  # no key: open route
+        idle = open_client.get("/scheduler").json()
+        assert idle["running"] == idle["waiting"] == idle["prefilling"] == []
+        assert idle["block_size"] == 16 and idle["num_free_blocks"] == 1024 // 16
+        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 50}}
+        headers = {"Authorization": "Bearer s3cret"}
+        with open_client.stream("POST", "/generate_stream", json=body, headers=headers) as s:
+            lines = (line for line in s.iter_lines() if line)
+            for _ in range(3):
+                assert next(lines).startswith("data:")
+            busy = open_client.get("/scheduler").json()
+    [(num_prompt, num_tokens, max_new, num_read, num_blocks)] = busy["running"]
+    assert max_new == 50 and num_tokens - num_prompt >= 3 and num_read >= num_prompt
+    assert num_blocks == -(-(num_tokens - 1) // 16)  # the newest token's KV is not written yet
+    assert busy["num_free_blocks"] == 1024 // 16 - num_blocks
+    assert busy["decode_s"] > 0 and busy["prefill_s_per_token"] >= 0
+    assert busy["taken_at"] > idle["taken_at"]
