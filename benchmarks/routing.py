@@ -252,10 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         args.long_tokens, args.long_share, args.seed,
     )  # fmt: skip
     prompts = prefix_workload()
-    # A request may hold at most the whole KV budget (the engine refuses more).
+    # A request, and a prefill step, may hold at most the whole KV budget.
     max_total_tokens = min(1024, args.max_batch_total_tokens)
     launcher_args = {"max_input_tokens": min(512, max_total_tokens - 1),
-                     "max_total_tokens": max_total_tokens, "max_batch_prefill_tokens": 1024,
+                     "max_total_tokens": max_total_tokens,
+                     "max_batch_prefill_tokens": max_total_tokens,
                      "max_batch_total_tokens": args.max_batch_total_tokens}  # fmt: skip
     cluster = local_serve(args.num_cpus, log_to_driver=False)
     with cluster as base_url, contextlib.ExitStack() as apps:

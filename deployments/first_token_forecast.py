@@ -30,7 +30,7 @@ def read_snapshot(routing_stats: Mapping[str, Any]) -> SchedulerSnapshot | None:
         return None
     try:
         return SchedulerSnapshot.from_dict(dict(data))
-    except TypeError:
+    except (TypeError, ValueError):
         return None
 
 

@@ -22,8 +22,8 @@ from engine.protocol import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 
-# A sequence in a snapshot: [prompt tokens, tokens now, max new tokens, tokens read,
-# KV blocks held].
+# A sequence in a snapshot, a list of these numbers.
+SEQ_STATE_FIELDS = ("prompt tokens", "tokens", "max new tokens", "tokens read", "KV blocks held")
 SeqState = list[int]
 
 
@@ -77,7 +77,13 @@ class SchedulerSnapshot:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SchedulerSnapshot":
-        return cls(**data)
+        """`to_dict` read back; ValueError (or TypeError) if it is not one (an engine of
+        another version)."""
+        snapshot = cls(**data)
+        states = snapshot.waiting + snapshot.prefilling + snapshot.running
+        if not all(len(state) == len(SEQ_STATE_FIELDS) for state in states):
+            raise ValueError(f"sequence states are not {SEQ_STATE_FIELDS}")
+        return snapshot
 
 
 def take_snapshot(scheduler: Scheduler, step_times: StepTimes) -> SchedulerSnapshot:
@@ -112,7 +118,7 @@ def first_token_delay_s(
     sent to the engine after the snapshot) are (seconds after the snapshot it reaches the
     engine, prompt tokens, max new tokens). Every sequence is taken to run to its max new
     tokens; an earlier end (EOS, a stop sequence) only brings the first token closer."""
-    scheduler = _rebuild(snapshot)
+    scheduler = rebuild_scheduler(snapshot)
     step_times = StepTimes(snapshot.decode_s, snapshot.prefill_s_per_token)
     arrivals = sorted(sent_since) + [request]  # the request last among equals
     target_id = f"arrival-{len(arrivals) - 1}"
@@ -143,9 +149,9 @@ def first_token_delay_s(
     return None
 
 
-def _rebuild(snapshot: SchedulerSnapshot) -> Scheduler:
+def rebuild_scheduler(snapshot: SchedulerSnapshot) -> Scheduler:
     """A scheduler holding the snapshot's sequences (fake token ids, no prefix cache) and
-    as many free blocks as the engine had."""
+    as many free blocks as the engine had: it makes the steps the engine's would."""
     held = [state[4] for state in snapshot.prefilling + snapshot.running]
     num_blocks = sum(held) + snapshot.num_free_blocks
     config = EngineConfig(

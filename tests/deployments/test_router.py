@@ -22,7 +22,7 @@ from ray.serve.request_router import PendingRequest, RunningReplica
 
 from deployments.autoscaling import ENGINE_BATCH_TOKEN_USAGE, ENGINE_QUEUED_REQUESTS
 from deployments.engine_load import EngineLoad
-from deployments.first_token_forecast import SCHEDULER_STATS_KEY
+from deployments.first_token_forecast import SCHEDULER_STATS_KEY, read_snapshot
 from deployments.routed_request import RoutedRequest, read_routed_request
 from deployments.router import TGIRequestRouter, has_kv_room, joins_at_once, load_score
 from deployments.routing_state import InFlightLedger, PrefixIndex, Unreported
@@ -463,6 +463,14 @@ def test_equal_forecasts_keep_the_prefix_affinity():
     h.complete(request_id, a)
     b.report(load(500), engine_snapshot(5))  # a little less loaded than a now
     assert h.rank([a, b], generate_body(SYSTEM_PROMPT + "Bonjour", 10)) == ["a", "b"]
+
+
+def test_a_snapshot_of_another_format_is_ignored():
+    snapshot = engine_snapshot(20).to_dict()
+    assert read_snapshot({SCHEDULER_STATS_KEY: snapshot}) is not None
+    assert read_snapshot({SCHEDULER_STATS_KEY: {**snapshot, "new_field": 1}}) is None
+    assert read_snapshot({SCHEDULER_STATS_KEY: {**snapshot, "running": [[1, 2, 3]]}}) is None
+    assert read_snapshot({SCHEDULER_STATS_KEY: "junk"}) is None and read_snapshot({}) is None
 
 
 def test_forecasts_off_leave_the_load_ranking():

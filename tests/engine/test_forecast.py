@@ -9,8 +9,8 @@ from engine.config import EngineConfig
 from engine.forecast import (
     SchedulerSnapshot,
     StepTimes,
-    _rebuild,
     first_token_delay_s,
+    rebuild_scheduler,
     take_snapshot,
 )
 from engine.protocol import SamplingParams
@@ -67,7 +67,9 @@ def test_a_rebuilt_scheduler_makes_the_same_steps_as_the_original(num_steps):
     else:
         assert any(num_tokens > num_prompt for num_prompt, num_tokens, *_ in snapshot.waiting)
     # Through JSON, as routing stats travel.
-    rebuilt = _rebuild(SchedulerSnapshot.from_dict(json.loads(json.dumps(snapshot.to_dict()))))
+    rebuilt = rebuild_scheduler(
+        SchedulerSnapshot.from_dict(json.loads(json.dumps(snapshot.to_dict())))
+    )
     assert rebuilt.block_manager.num_free_blocks == original.block_manager.num_free_blocks
     for _ in range(60):
         assert step(rebuilt) == step(original)
