@@ -29,28 +29,42 @@ SeqState = list[int]
 
 @dataclass
 class StepTimes:
-    """How long the engine's steps take: moving averages of its own steps."""
+    """How long the engine's steps take, from its own recent steps: a decode step's moving
+    average, and a line fitted to the recent prefill steps' time against the tokens they
+    computed. A prefill step has a fixed cost beside its per-token one: one that finds most
+    of its prompt in the prefix cache computes a few tokens in a whole step's time."""
 
     decode_s: float = 0.0  # one decode step, whatever the batch
-    prefill_s_per_token: float = 0.0  # a prefill step's time beyond a decode step's, per token
+    prefill_base_s: float = 0.0  # a prefill step's fixed cost
+    prefill_s_per_token: float = 0.0
+    # Moving averages over prefill steps of (tokens n, seconds t, n * n, n * t).
+    _prefill_moments: tuple[float, float, float, float] | None = None
 
     SMOOTHING = 0.1  # weight of the newest step
 
     def observe(self, is_prefill: bool, num_tokens: int, seconds: float) -> None:
         """Account one step that computed `num_tokens` tokens in `seconds`."""
         if not is_prefill:
-            self.decode_s = self._mix(self.decode_s, seconds)
-        elif num_tokens:
-            per_token = max(seconds - self.decode_s, 0.0) / num_tokens
-            self.prefill_s_per_token = self._mix(self.prefill_s_per_token, per_token)
+            self.decode_s = seconds if not self.decode_s else self._mix(self.decode_s, seconds)
+            return
+        sample = (num_tokens, seconds, num_tokens * num_tokens, num_tokens * seconds)
+        moments = self._prefill_moments or sample
+        moments = tuple(self._mix(m, x) for m, x in zip(moments, sample, strict=True))
+        self._prefill_moments = mean_n, mean_t, mean_nn, mean_nt = moments
+        variance = mean_nn - mean_n * mean_n
+        # Steps of (nearly) one size fix no slope: all their time counts as fixed.
+        slope = (mean_nt - mean_n * mean_t) / variance if variance >= 1.0 else 0.0
+        self.prefill_s_per_token = max(slope, 0.0)
+        self.prefill_base_s = max(mean_t - self.prefill_s_per_token * mean_n, 0.0)
 
     def _mix(self, average: float, sample: float) -> float:
-        return sample if not average else average + self.SMOOTHING * (sample - average)
+        return average + self.SMOOTHING * (sample - average)
 
     def of(self, seqs: list[Sequence], is_prefill: bool) -> float:
         if not is_prefill:
             return self.decode_s
-        return self.decode_s + self.prefill_s_per_token * sum(s.prefill_chunk for s in seqs)
+        num_tokens = sum(s.prefill_chunk for s in seqs)
+        return self.prefill_base_s + self.prefill_s_per_token * num_tokens
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,7 @@ class SchedulerSnapshot:
     prefilling: list[SeqState]  # admitted, prompt partly read
     running: list[SeqState]  # oldest first
     decode_s: float
+    prefill_base_s: float
     prefill_s_per_token: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,7 +117,8 @@ def take_snapshot(scheduler: Scheduler, step_times: StepTimes) -> SchedulerSnaps
         last_step_was_prefill=scheduler.last_step_was_prefill,
         waiting=states(scheduler.waiting), prefilling=states(scheduler.prefilling),
         running=states(scheduler.running),
-        decode_s=step_times.decode_s, prefill_s_per_token=step_times.prefill_s_per_token,
+        decode_s=step_times.decode_s, prefill_base_s=step_times.prefill_base_s,
+        prefill_s_per_token=step_times.prefill_s_per_token,
     )  # fmt: skip
 
 
@@ -119,7 +135,7 @@ def first_token_delay_s(
     engine, prompt tokens, max new tokens). Every sequence is taken to run to its max new
     tokens; an earlier end (EOS, a stop sequence) only brings the first token closer."""
     scheduler = rebuild_scheduler(snapshot)
-    step_times = StepTimes(snapshot.decode_s, snapshot.prefill_s_per_token)
+    step_times = StepTimes(snapshot.decode_s, snapshot.prefill_base_s, snapshot.prefill_s_per_token)
     arrivals = sorted(sent_since) + [request]  # the request last among equals
     target_id = f"arrival-{len(arrivals) - 1}"
     arrivals_ids = [(at, f"arrival-{i}", p, n) for i, (at, p, n) in enumerate(arrivals)]

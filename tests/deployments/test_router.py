@@ -427,7 +427,9 @@ def engine_snapshot(num_new_tokens_left: int, *, at: float = 999.99) -> Schedule
     scheduler.add(Sequence("running", list(range(512)), params, block_size=16))
     seqs, _ = scheduler.schedule()  # its prefill: its first token
     scheduler.postprocess(scheduler.finish_prefill(seqs), [7])
-    snapshot = take_snapshot(scheduler, StepTimes(decode_s=0.010, prefill_s_per_token=1e-5))
+    snapshot = take_snapshot(
+        scheduler, StepTimes(0.010, prefill_base_s=0.010, prefill_s_per_token=1e-5)
+    )
     return dataclasses.replace(snapshot, taken_at=at)
 
 

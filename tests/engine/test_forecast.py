@@ -18,7 +18,7 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 
 BLOCK_SIZE = 4
-STEPS = StepTimes(decode_s=0.010, prefill_s_per_token=0.001)
+STEPS = StepTimes(decode_s=0.010, prefill_base_s=0.010, prefill_s_per_token=0.001)
 
 
 def make_scheduler(num_tokens: int = 64, prefill: int = 12) -> Scheduler:
@@ -116,11 +116,16 @@ def test_a_forecast_stops_at_its_budget():
     assert first_token_delay_s(snapshot, [], too_big, max_seq_steps=1000) is None
 
 
-def test_step_times_average_the_engine_steps():
+def test_step_times_average_decode_steps_and_fit_a_line_to_prefill_steps():
     times = StepTimes()
     times.observe(is_prefill=False, num_tokens=4, seconds=0.020)
     assert times.decode_s == 0.020  # the first step sets it
     times.observe(is_prefill=False, num_tokens=4, seconds=0.030)
     assert times.decode_s == pytest.approx(0.021)
-    times.observe(is_prefill=True, num_tokens=100, seconds=0.121)
-    assert times.prefill_s_per_token == pytest.approx(0.001)  # beyond one decode step
+    times.observe(is_prefill=True, num_tokens=10, seconds=0.050)
+    assert (times.prefill_base_s, times.prefill_s_per_token) == (0.050, 0.0)  # one size yet
+    # Steps on the line 40 ms + 1 ms per token, a prefix-cache hit's 3 tokens among them.
+    for num_tokens in (100, 3, 60, 200):
+        times.observe(is_prefill=True, num_tokens=num_tokens, seconds=0.040 + 0.001 * num_tokens)
+    assert times.prefill_base_s == pytest.approx(0.040)
+    assert times.prefill_s_per_token == pytest.approx(0.001)
