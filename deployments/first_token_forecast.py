@@ -13,7 +13,9 @@ tokens (oracle 2.13x; 1.52x when steps take random times and half the requests e
 docs/benchmarks.md. Forecasting only when the load figures said no replica could take the
 request at once gave 1.22x there: the figures were wrong about that too often."""
 
+import dataclasses
 import math
+import statistics
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -50,6 +52,7 @@ def rank_by_first_token(
     `ranked`'s order (load, then prefix affinity, which the forecast does not model), and
     so do replicas with no snapshot or no first token within `max_seq_steps` (see
     `first_token_delay_s`), after the others."""
+    snapshots = _with_shared_step_times(snapshots)
     first_token_at = {}
     one_step = {}
     for replica in ranked:
@@ -68,3 +71,21 @@ def rank_by_first_token(
     later = sorted((r for r in ranked if first_token_at[r] > tied_until),
                    key=first_token_at.__getitem__)  # fmt: skip
     return tied + later
+
+
+def _with_shared_step_times(
+    snapshots: Mapping[Hashable, SchedulerSnapshot | None],
+) -> dict[Hashable, SchedulerSnapshot | None]:
+    """The snapshots with their engines' step times averaged. Replicas of one deployment
+    run one model on alike hardware, and an engine's own estimate can be far off for a
+    while (a cold first step; an idle engine's is from its last busy stretch): with its own
+    estimate each, a test's idle replica looked slower than one running three generations,
+    and got 2 of 16 requests."""
+    known = [s for s in snapshots.values() if s is not None]
+    if not known:
+        return dict(snapshots)
+    shared = {
+        name: statistics.fmean(getattr(s, name) for s in known)
+        for name in ("decode_s", "prefill_base_s", "prefill_s_per_token")
+    }
+    return {r: s and dataclasses.replace(s, **shared) for r, s in snapshots.items()}

@@ -467,6 +467,16 @@ def test_equal_forecasts_keep_the_prefix_affinity():
     assert h.rank([a, b], generate_body(SYSTEM_PROMPT + "Bonjour", 10)) == ["a", "b"]
 
 
+def test_one_engines_own_step_time_estimate_does_not_decide():
+    h = Harness()
+    # An idle engine whose only prefill so far was a cold, 2 s one, beside a busy engine.
+    cold = dataclasses.replace(engine_snapshot(0), running=[], num_free_blocks=64,
+                               prefill_base_s=2.0)  # fmt: skip
+    a = FakeReplica("a", load(), cold)
+    b = FakeReplica("b", load(900), engine_snapshot(300))
+    assert h.rank([a, b], generate_body("Hi", 10)) == ["a", "b"]
+
+
 def test_a_snapshot_of_another_format_is_ignored():
     snapshot = engine_snapshot(20).to_dict()
     assert read_snapshot({SCHEDULER_STATS_KEY: snapshot}) is not None
