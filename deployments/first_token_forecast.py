@@ -7,9 +7,9 @@ are up to a report period old. A replica running the embedded engine reports its
 scheduler's snapshot with its routing stats (under `SCHEDULER_STATS_KEY`);
 `rank_by_first_token` steps each snapshot forward with the requests sent to it since
 (engine/forecast.py) and puts the soonest first. In simulation (benchmarks/routing_sim.py)
-the default router's TTFT p99 over ours went from 0.98x to 1.42x (median over the runs with
-a tail) where an oracle gets 1.44x, and from 1.07x to 1.88x with each KV cache holding 768
-tokens (oracle 2.13x; 1.52x when steps take random times and half the requests end early);
+the default router's TTFT p99 over ours went from 0.98x to 1.36x (median over the runs
+with a tail) where an oracle gets 1.44x, and from 1.07x to 1.88x with each KV cache holding 768
+tokens (oracle 2.13x; 1.56x when steps take random times and half the requests end early);
 docs/benchmarks.md. Forecasting only when the load figures said no replica could take the
 request at once gave 1.22x there: the figures were wrong about that too often."""
 
