@@ -62,7 +62,7 @@ class SimRequest:
     arrival_s: float
     num_prompt_tokens: int
     max_new_tokens: int
-    num_new_tokens: int  # what it generates: max_new_tokens, or fewer when it ends at an EOS
+    num_new_tokens: int | None = None  # what it generates, ending at an EOS; None: all
 
     def sequence(self) -> Sequence:
         # Distinct prompts (no prefix-cache hits), the same in every run.
@@ -96,7 +96,7 @@ class Timing:
 class SimEngine:
     """One replica's engine: a real Scheduler, busy until its current step ends."""
 
-    def __init__(self, kv_tokens: int, seed: int) -> None:
+    def __init__(self, kv_tokens: int, seed: int = 0) -> None:
         config = EngineConfig(model_dir="unused", max_batch_total_tokens=kv_tokens,
                               max_batch_prefill_tokens=1024)  # fmt: skip
         self.kv_tokens = kv_tokens
@@ -107,7 +107,7 @@ class SimEngine:
         self._rng = random.Random(seed)
 
     def add(self, request: SimRequest) -> None:
-        self.num_new_tokens[request.request_id] = request.num_new_tokens
+        self.num_new_tokens[request.request_id] = request.num_new_tokens or request.max_new_tokens
         self.scheduler.add(request.sequence())
 
     def step(self, now: float, timing: Timing) -> tuple[float, list[Sequence]]:

@@ -144,11 +144,10 @@ def first_token_delay_s(
     while num_seq_steps < max_seq_steps:
         while arrivals_ids and arrivals_ids[0][0] <= now:
             _, request_id, num_prompt_tokens, max_new_tokens = arrivals_ids.pop(0)
-            seq = _sequence(request_id, num_prompt_tokens, num_prompt_tokens, max_new_tokens,
-                            snapshot.block_size)  # fmt: skip
             try:
-                scheduler.add(seq)
-            except ValueError:  # more than the cache holds: the engine will refuse it
+                scheduler.add(_sequence(request_id, num_prompt_tokens, num_prompt_tokens,
+                                        max_new_tokens, snapshot.block_size))  # fmt: skip
+            except ValueError:  # no prompt, or more than the cache holds: the engine refuses it
                 if request_id == target_id:
                     return None
         if not scheduler.has_unfinished_seqs():

@@ -57,14 +57,24 @@ def test_the_default_rule_sends_to_the_replica_with_fewer_ongoing_requests():
 
 def test_batching_aware_sends_a_request_away_from_a_full_kv_cache_however_few_requests():
     full, busy = SimEngine(kv_tokens=1280), SimEngine(kv_tokens=1280)
-    full.scheduler.add(SimRequest("long", 0.0, 1200, 64).sequence())  # one request, 75 blocks
+    full.add(SimRequest("long", 0.0, 1200, 64))  # one request, 75 blocks
     for i in range(3):
-        busy.scheduler.add(SimRequest(f"short{i}", 0.0, 40, 16).sequence())
+        busy.add(SimRequest(f"short{i}", 0.0, 40, 16))
     for engine in (full, busy):
         engine.step(0.0, TIMING)
     router = BatchingAware(seed=0)
     router.report([full, busy], now=0.1)
     assert router.choose(SimRequest("new", 0.1, 100, 16), now=0.1) == 1
+
+
+def test_a_request_may_end_at_an_eos_before_its_budget():
+    engine = SimEngine(kv_tokens=1280)
+    engine.add(SimRequest("early", 0.0, 40, max_new_tokens=16, num_new_tokens=3))
+    now, num_steps = 0.0, 0
+    while engine.scheduler.has_unfinished_seqs():
+        now, _ = engine.step(now, TIMING)
+        num_steps += 1
+    assert num_steps == 3  # the prefill's token and two decode steps
 
 
 def test_ratios_count_only_runs_where_the_default_shows_a_tail():

@@ -444,6 +444,7 @@ def test_the_replica_whose_cache_frees_sooner_ranks_first_whatever_its_load():
     b = FakeReplica("b", load(900), engine_snapshot(20))
     assert h.rank([a, b], generate_body(LONG_PROMPT, 10)) == ["b", "a"]
     assert h.rank([a, b], generate_body("Hi", 10)) == ["a", "b"]  # fits both: load decides
+    assert h.rank([a, b], generate_body("", 10)) == ["a", "b"]  # no prompt: no forecast
 
 
 def test_requests_sent_since_the_snapshot_count_in_the_forecast():

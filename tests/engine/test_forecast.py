@@ -114,6 +114,8 @@ def test_a_forecast_stops_at_its_budget():
     assert first_token_delay_s(snapshot, [], (0.0, 20, 4), max_seq_steps=5) is None
     too_big = (0.0, 40, 4)  # more than the whole cache: the engine refuses it
     assert first_token_delay_s(snapshot, [], too_big, max_seq_steps=1000) is None
+    no_prompt = (0.0, 0, 4)  # a body the router estimates at 0 prompt tokens
+    assert first_token_delay_s(snapshot, [no_prompt], no_prompt, max_seq_steps=1000) is None
 
 
 def test_step_times_average_decode_steps_and_fit_a_line_to_prefill_steps():
