@@ -44,7 +44,7 @@ from deployments.first_token_forecast import rank_by_first_token
 from deployments.router import TGI_WAITING_SERVED_RATIO, rank_replicas, replica_loads
 from deployments.routing_state import InFlightLedger
 from engine.config import EngineConfig
-from engine.forecast import SchedulerSnapshot, StepTimes, take_snapshot
+from engine.forecast import SchedulerSnapshot, StepTimes, num_step_tokens, take_snapshot
 from engine.llm_engine import scheduler_stats
 from engine.protocol import SamplingParams
 from engine.scheduler import Scheduler
@@ -118,8 +118,7 @@ class SimEngine:
         if not seqs:  # the Scheduler always has a step for unfinished sequences
             raise RuntimeError("the scheduler has sequences but no step")
         seconds = timing.step(seqs, is_prefill, self._rng)
-        num_tokens = sum(s.prefill_chunk for s in seqs) if is_prefill else len(seqs)
-        self.step_times.observe(is_prefill, num_tokens, seconds)
+        self.step_times.observe(is_prefill, num_step_tokens(seqs, is_prefill), seconds)
         if is_prefill:
             seqs = self.scheduler.finish_prefill(seqs)
         last = [s.num_completion_tokens + 1 >= self.num_new_tokens[s.request_id] for s in seqs]

@@ -54,7 +54,7 @@ def rank_by_first_token(
     `first_token_delay_s`), after the others."""
     snapshots = _with_shared_step_times(snapshots)
     first_token_at = {}
-    one_step = {}
+    one_step = 0.0  # the replicas' shared decode step time
     for replica in ranked:
         snapshot = snapshots.get(replica)
         delay = None
@@ -63,10 +63,10 @@ def rank_by_first_token(
             sent = [(max(at - since, 0.0), p, n) for at, p, n in sent_since.get(replica, [])]
             delay = first_token_delay_s(snapshot, sent, (max(now - since, 0.0), *request),
                                         max_seq_steps)  # fmt: skip
-            one_step[replica] = snapshot.decode_s
+            one_step = snapshot.decode_s
         first_token_at[replica] = math.inf if delay is None else snapshot.taken_at + delay
-    soonest = min(ranked, key=first_token_at.__getitem__)
-    tied_until = first_token_at[soonest] + one_step.get(soonest, 0.0)
+    soonest = min(first_token_at.values())
+    tied_until = soonest + one_step
     tied = [r for r in ranked if first_token_at[r] <= tied_until]
     later = sorted((r for r in ranked if first_token_at[r] > tied_until),
                    key=first_token_at.__getitem__)  # fmt: skip

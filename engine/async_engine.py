@@ -148,7 +148,7 @@ class AsyncEngine:
         self.step_times.observe(engine.last_step_was_prefill, engine.last_step_num_tokens, seconds)
         if self.metrics is None:
             return
-        method = "prefill" if self.engine.last_step_was_prefill else "decode"
+        method = "prefill" if engine.last_step_was_prefill else "decode"
         self.metrics.batch_inference_count.labels(method=method).inc()
         self.metrics.batch_inference_success.labels(method=method).inc()
         self.metrics.batch_inference_duration.labels(method=method).observe(seconds)

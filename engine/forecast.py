@@ -27,6 +27,11 @@ SEQ_STATE_FIELDS = ("prompt tokens", "tokens", "max new tokens", "tokens read", 
 SeqState = list[int]
 
 
+def num_step_tokens(seqs: list[Sequence], is_prefill: bool) -> int:
+    """Tokens a scheduled step computes: its prompt chunks, or one per decoding sequence."""
+    return sum(s.prefill_chunk for s in seqs) if is_prefill else len(seqs)
+
+
 @dataclass
 class StepTimes:
     """How long the engine's steps take, from its own recent steps: a decode step's moving
@@ -63,8 +68,7 @@ class StepTimes:
     def of(self, seqs: list[Sequence], is_prefill: bool) -> float:
         if not is_prefill:
             return self.decode_s
-        num_tokens = sum(s.prefill_chunk for s in seqs)
-        return self.prefill_base_s + self.prefill_s_per_token * num_tokens
+        return self.prefill_base_s + self.prefill_s_per_token * num_step_tokens(seqs, True)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from transformers import AutoConfig, PretrainedConfig
 
 from engine.config import EngineConfig
+from engine.forecast import num_step_tokens
 from engine.model_runner import ModelRunner
 from engine.protocol import SamplingParams, TokenStep
 from engine.scheduler import Scheduler
@@ -84,7 +85,7 @@ class LLMEngine:
         if not seqs:
             return []
         self.last_step_was_prefill = is_prefill  # for metrics: TGI's {method} label
-        self.last_step_num_tokens = sum(s.prefill_chunk for s in seqs) if is_prefill else len(seqs)
+        self.last_step_num_tokens = num_step_tokens(seqs, is_prefill)
         out = self.model_runner.run(seqs, is_prefill, steady=self.scheduler.is_steady())
         if is_prefill:
             seqs = self.scheduler.finish_prefill(seqs)
