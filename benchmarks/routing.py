@@ -9,9 +9,11 @@ shared 2-core box, measuring one after the other measured whoever else ran at th
     end-to-end latency percentiles as the client sees them;
   - a prefix workload: distinct long system prompts each asked several questions, one at a
     time; the engines' prefix-cache hits over the prompts' full KV blocks.
-Writes results/routing.json and routing.png.
+Writes results/routing.json and routing.png. The defaults are the workload of issue 7's
+target (docs/benchmarks.md): 60 requests at 0.07/s, a quarter of them long, each engine's
+KV cache 768 tokens, which one long generation nearly fills; ~15 min on 2 cores.
 
-    python -m benchmarks.routing
+    python -m benchmarks.routing [--seed S]
 """
 
 import argparse
@@ -223,14 +225,14 @@ def router_ratios(s: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rate", type=float, default=0.35, help="Poisson arrivals per second")
-    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--rate", type=float, default=0.07, help="Poisson arrivals per second")
+    p.add_argument("--num-requests", type=int, default=60)
     p.add_argument("--input-len", type=LengthDist.parse, default=LengthDist.parse("uniform:32:128"))
     p.add_argument("--short-tokens", type=int, default=16)
     p.add_argument("--long-tokens", type=int, default=512)
-    p.add_argument("--long-share", type=float, default=0.2)
-    p.add_argument("--max-batch-total-tokens", type=int, default=2048,
-                   help="each engine's KV budget: three long generations fill it")  # fmt: skip
+    p.add_argument("--long-share", type=float, default=0.25)
+    p.add_argument("--max-batch-total-tokens", type=int, default=768,
+                   help="each engine's KV budget: one long generation nearly fills it")  # fmt: skip
     p.add_argument(
         "--routing-stats-period-s",
         type=float,
