@@ -4,8 +4,8 @@ One `serve run serve_config.yaml` (the user's app, as a subprocess; --model-id a
 serve another model, or on a GPU, from a copy of it); both sides hit the same
 engine process: through http://127.0.0.1:8000 (or, with --direct-ingress, the ingress
 replica's own port: no proxy hop), or directly on the port its TGIServer replica started it
-on. Blocks of requests alternate between the sides (single requests at
-concurrency 1), so drift (thermal, caches, neighbours) falls on both. Two measurements:
+on. Blocks of requests alternate between the sides (at concurrency 1, --c1-block requests:
+one by default), so drift (thermal, caches, neighbours) falls on both. Two measurements:
   - TTFT p50 added by Serve at concurrency 1 (short prompts and outputs);
   - output tok/s kept through Serve at concurrency 32.
 Writes results/serve_vs_direct_c1.json and _c32.json (+ .png).
@@ -205,12 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-requests-c1", type=int, default=64)
     p.add_argument("--num-requests-c32", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="turns of each side at 32 streams")
+    p.add_argument("--c1-block", type=int, default=1, metavar="N",
+                   help="at concurrency 1, requests per side per turn (default 1: the sides "
+                   "take turns request by request)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     add_app_arguments(p)
     p.add_argument("--concurrency", type=int, nargs="+", choices=(1, 32), default=[1, 32])
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
+    if args.c1_block < 1 or args.num_requests_c1 % args.c1_block:
+        p.error("--c1-block must divide --num-requests-c1")
     command = "python -m benchmarks.serve_vs_direct " + " ".join(argv or sys.argv[1:])
 
     tokenizer = load_tokenizer(args.model_id or DEFAULT_MODEL_ID)
@@ -227,9 +232,12 @@ def main(argv: list[str] | None = None) -> int:
             requests = make_requests(tokenizer, num_requests, LengthDist.parse(input_len),
                                      LengthDist.parse(output_len), args.seed)  # fmt: skip
             alternate(targets, requests[:8], concurrency, 1, "w")  # warm-up, not reported
-            # One at a time, the sides take turns request by request: pairs a few hundred
-            # ms apart see the same machine, where blocks drift apart on a noisy one.
-            rounds = num_requests if concurrency == 1 else args.rounds
+            # One at a time, the sides take turns in short blocks: pairs a few hundred ms
+            # apart see the same machine, where long blocks drift apart on a noisy one.
+            # Turns of one request leave Serve's processes idle through the other side's
+            # request before each of theirs; a client at concurrency 1 sends its next
+            # request as soon as its last one ends (--c1-block).
+            rounds = num_requests // args.c1_block if concurrency == 1 else args.rounds
             sides = alternate(targets, requests, concurrency, rounds, f"c{concurrency}")
             workload = {"concurrency": concurrency, "num_requests": num_requests,
                         "input_len": input_len, "output_len": output_len, "seed": args.seed,

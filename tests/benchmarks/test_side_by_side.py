@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import engine_vs_hf
+from benchmarks import engine_vs_hf, serve_vs_direct
 from benchmarks.loadgen import RequestResult
 from benchmarks.serve_vs_direct import paired_ttft_added_ms, set_dotted, tagged
 from benchmarks.workload import BenchRequest
@@ -48,6 +48,13 @@ def test_serve_vs_direct_pairs_each_request_with_its_twin():
     serve = [result(0.5, 0.805), result(1.5, 1.700), result(2.5, 3.010)]
     added = paired_ttft_added_ms({"direct": (direct, 3.0), "serve": (serve, 3.0)})
     assert added == {"p10": 5.0, "p50": 10.0, "p90": 100.0}
+
+
+def test_serve_vs_direct_refuses_blocks_that_would_drop_requests(capsys):
+    # 64 requests in turns of 5 would leave 4 of them unsent, unsaid.
+    with pytest.raises(SystemExit):
+        serve_vs_direct.main(["--num-requests-c1", "64", "--c1-block", "5"])
+    assert "--c1-block must divide --num-requests-c1" in capsys.readouterr().err
 
 
 def test_set_dotted_reaches_into_the_app_args_by_path():
