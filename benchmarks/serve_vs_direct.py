@@ -214,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", choices=(1, 32), default=[1, 32])
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
+    # `alternate` splits a side's requests into equal turns: a remainder would go unsent.
     if args.c1_block < 1 or args.num_requests_c1 % args.c1_block:
         p.error("--c1-block must divide --num-requests-c1")
+    if args.rounds < 1 or args.num_requests_c32 % args.rounds:
+        p.error("--rounds must divide --num-requests-c32")
     command = "python -m benchmarks.serve_vs_direct " + " ".join(argv or sys.argv[1:])
 
     tokenizer = load_tokenizer(args.model_id or DEFAULT_MODEL_ID)

@@ -50,11 +50,21 @@ def test_serve_vs_direct_pairs_each_request_with_its_twin():
     assert added == {"p10": 5.0, "p50": 10.0, "p90": 100.0}
 
 
-def test_serve_vs_direct_refuses_blocks_that_would_drop_requests(capsys):
-    # 64 requests in turns of 5 would leave 4 of them unsent, unsaid.
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        # 64 requests in turns of 5 would leave 4 of them unsent, unsaid.
+        (
+            ["--num-requests-c1", "64", "--c1-block", "5"],
+            "--c1-block must divide --num-requests-c1",
+        ),
+        (["--num-requests-c32", "128", "--rounds", "3"], "--rounds must divide --num-requests-c32"),
+    ],
+)
+def test_serve_vs_direct_refuses_turns_that_would_drop_requests(argv, error, capsys):
     with pytest.raises(SystemExit):
-        serve_vs_direct.main(["--num-requests-c1", "64", "--c1-block", "5"])
-    assert "--c1-block must divide --num-requests-c1" in capsys.readouterr().err
+        serve_vs_direct.main(argv)
+    assert error in capsys.readouterr().err
 
 
 def test_set_dotted_reaches_into_the_app_args_by_path():
