@@ -8,9 +8,10 @@ the ray-tgi cache once; it is not a project dependency.
 
 Both servers get the same seeded raw-text prompts over OpenAI's /v1/completions (greedy,
 streaming) at each concurrency, one after the other on the same cores. The engine runs the
-GGUF de-quantized to fp32; llama.cpp runs it quantized (Q4_1).
+GGUF de-quantized to fp32 unless launcher flags say otherwise (`--launcher-arg dtype=bfloat16`,
+`--launcher-arg quantize=eetq`); llama.cpp runs it quantized (Q4_1).
 
-    python -m benchmarks.vs_llamacpp --concurrency 1 8 16
+    python -m benchmarks.vs_llamacpp --concurrency 1 8 16 [--launcher-arg NAME=VALUE ...]
 """
 
 import argparse
@@ -92,6 +93,17 @@ def llama_server(binary: Path, gguf: Path, parallel: int, ctx_per_slot: int) -> 
         process.wait(timeout=30)
 
 
+def launcher_flags(name_values: list[str]) -> list[str]:
+    """`["dtype=bfloat16"]` -> `["--dtype", "bfloat16"]`; a NAME=VALUE without "=" is refused."""
+    flags = []
+    for name_value in name_values:
+        name, sep, value = name_value.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--launcher-arg takes NAME=VALUE, not {name_value!r}")
+        flags += ["--" + name.replace("_", "-"), value]
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
@@ -99,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=LengthDist.parse, default=LengthDist.parse("chat:96:512"))
     p.add_argument("--output-len", type=LengthDist.parse, default=LengthDist.parse("fixed:96"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--launcher-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="an engine launcher flag, e.g. dtype=bfloat16 (repeatable)")  # fmt: skip
     p.add_argument("--setup-only", action="store_true", help="build llama-server and stop")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
+    engine_flags = launcher_flags(args.launcher_arg)
     binary = build_llama_server()
     if args.setup_only:
         print(binary)
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         requests = make_requests(tokenizer, concurrency * args.requests_per_stream,
                                  args.input_len, args.output_len, args.seed)  # fmt: skip
         sides = {}
-        with engine_process(["--model-id", str(model_dir)]) as url:
+        with engine_process(["--model-id", str(model_dir), *engine_flags]) as url:
             target = Target(url, "openai", keepalive=False)  # both sides alike
             sides["engine"] = asyncio.run(run_load(target, requests, concurrency))
         with llama_server(binary, gguf, concurrency, ctx_per_slot) as url:
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = {"concurrency": concurrency, "num_requests": len(requests),
                     "input_len": str(args.input_len), "output_len": str(args.output_len),
                     "seed": args.seed, "llama_cpp": LLAMA_CPP_PYTHON + " (vendored llama.cpp)",
-                    "gguf": gguf.name}  # fmt: skip
+                    "gguf": gguf.name, "engine_flags": engine_flags}  # fmt: skip
         write_report(
             f"vs_llamacpp_c{concurrency}", command, sides, {"workload": workload},
             ratios=lambda s: {"output_tok_s": s["engine"]["output_tok_s"]

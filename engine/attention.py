@@ -179,9 +179,12 @@ def decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
         )
     assert meta.context_slots is not None
-    k = gather_kv(k_cache, meta.context_slots, q.shape[0])
-    v = gather_kv(v_cache, meta.context_slots, q.shape[0])
+    # In fp32: SDPA's CPU kernel takes 4-5x as long over one query row in bf16 as in fp32
+    # (16 sequences of 220 tokens: 1.8-2.1 against 0.4 ms a layer, upcasts included), while
+    # the gathered context is small enough to copy once more.
+    k = gather_kv(k_cache, meta.context_slots, q.shape[0]).float()
+    v = gather_kv(v_cache, meta.context_slots, q.shape[0]).float()
     o = F.scaled_dot_product_attention(
-        q[:, :, None], k, v, attn_mask=meta.context_mask, scale=scale, enable_gqa=True
+        q[:, :, None].float(), k, v, attn_mask=meta.context_mask, scale=scale, enable_gqa=True
     )  # [b, num_heads, 1, head_dim]
-    return o[:, :, 0]
+    return o[:, :, 0].to(q.dtype)

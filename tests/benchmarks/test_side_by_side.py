@@ -1,11 +1,11 @@
 """The side-by-side benchmarks: (a) end to end on a tiny workload, both sides in one report;
-(b) gives each side prompts of its own."""
+(b) gives each side prompts of its own; (c) passes the engine's launcher flags on."""
 
 import json
 
 import pytest
 
-from benchmarks import engine_vs_hf, serve_vs_direct
+from benchmarks import engine_vs_hf, serve_vs_direct, vs_llamacpp
 from benchmarks.loadgen import RequestResult
 from benchmarks.serve_vs_direct import paired_ttft_added_ms, set_dotted, tagged
 from benchmarks.workload import BenchRequest
@@ -77,3 +77,17 @@ def test_set_dotted_reaches_into_the_app_args_by_path():
         "models": [{"deployment": {"num_replicas": 1, "stream_messages_per_s": 0},
                     "launcher_args": {"max_batch_total_tokens": 1280}}],
     }  # fmt: skip
+
+
+def test_vs_llamacpp_turns_launcher_args_into_engine_flags():
+    args = ["dtype=bfloat16", "quantize=eetq", "max_batch_total_tokens=4096"]
+    assert vs_llamacpp.launcher_flags(args) == [
+        "--dtype", "bfloat16", "--quantize", "eetq", "--max-batch-total-tokens", "4096"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", ["dtype", "=bfloat16"])
+def test_vs_llamacpp_refuses_a_launcher_arg_without_name_and_value(bad):
+    # Refused before the llama.cpp build, which takes minutes.
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        vs_llamacpp.main(["--launcher-arg", bad])

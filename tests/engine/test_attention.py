@@ -4,6 +4,7 @@ from torch.nn.attention.bias import CausalBias
 
 from engine.attention import (
     AttentionMetadata,
+    decode_attention,
     prefill_attention,
     prefix_causal_mask,
     use_prefill_backends,
@@ -73,6 +74,35 @@ def test_new_tokens_after_a_cached_prefix_attend_to_it_through_the_cache(device,
     q, k, v, k_cache, v_cache = (t.to(device, dtype) for t in (q, k, v, k_cache, v_cache))
     out = prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
     torch.testing.assert_close(out.float().cpu(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_attends_over_each_context_through_the_cache(dtype):
+    # Two sequences of 5 and 3 tokens, blocks of 4 slots, the shorter padded with slot 0;
+    # bf16 caches are attended in fp32 (SDPA's bf16 kernel is slow for one query row).
+    gen = torch.Generator().manual_seed(2)
+    heads, kv_heads, head_dim, scale = 6, 2, 8, 8**-0.5
+    k_cache, v_cache = torch.randn(2, 3, 4, kv_heads, head_dim, generator=gen)
+    slots = [[8, 9, 10, 11, 0], [4, 5, 6]]  # blocks 2 and 0; block 1
+    q = torch.randn(2, heads, head_dim, generator=gen)
+    group = heads // kv_heads
+    expected = []
+    for i, seq_slots in enumerate(slots):
+        k, v = (c.view(-1, kv_heads, head_dim)[seq_slots].repeat_interleave(group, 1)
+                for c in (k_cache, v_cache))  # fmt: skip
+        scores = torch.einsum("hd,khd->hk", q[i], k) * scale
+        expected.append(torch.einsum("hk,khd->hd", scores.softmax(-1), v))
+    lens = torch.tensor([5, 3])
+    meta = AttentionMetadata(
+        is_prefill=False,
+        slot_mapping=torch.zeros(2, dtype=torch.long),
+        context_slots=torch.tensor(slots[0] + slots[1] + [0, 0]),
+        context_mask=(torch.arange(5)[None] < lens[:, None])[:, None, None],
+    )
+    out = decode_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), meta, scale)
+    assert out.dtype == dtype and out.shape == (2, heads, head_dim)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), torch.stack(expected), atol=tolerance, rtol=tolerance)
 
 
 def test_prefill_backends_leave_out_cudnn_alone():

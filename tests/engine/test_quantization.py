@@ -18,6 +18,7 @@ from engine.llm_engine import LLMEngine
 from engine.models.llama import LlamaForCausalLM
 from engine.protocol import SamplingParams
 from engine.quantization import (
+    DEQUANTIZE_FROM_ROWS,
     QUANTIZED_PROJECTIONS,
     QUANTIZERS,
     SCALE_DTYPE,
@@ -51,8 +52,9 @@ def test_a_zero_row_stays_zero():
     assert q.abs().sum() == 0 and torch.isfinite(scales.float()).all()
 
 
-@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+@pytest.mark.parametrize("num_tokens", [1, 7, DEQUANTIZE_FROM_ROWS - 1, DEQUANTIZE_FROM_ROWS, 300])
 def test_int8_linear_computes_x_times_the_dequantized_weight(num_tokens):
+    # Below DEQUANTIZE_FROM_ROWS the int8 kernel, from it on a bf16 matmul: the same numbers.
     torch.manual_seed(0)
     linear = nn.Linear(576, 960, bias=True)
     quantized = Int8Linear.from_linear(linear)
