@@ -26,12 +26,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import yaml
+from pydantic import ValidationError
 
 from benchmarks.common import RESULTS_DIR, engine_process, write_report
 from benchmarks.loadgen import Target, load_tokenizer, run_load
 from benchmarks.workload import LengthDist, make_requests
 from deployments.launcher import free_port
 from engine.weights import DEFAULT_MODEL_ID, PACKAGED_MODELS, cache_root, resolve_model_dir
+from serve_app.config import LauncherArgs
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 # Not GGML_NATIVE: on this CPU it turns on AMX, whose instructions the sandbox refuses
@@ -94,14 +97,18 @@ def llama_server(binary: Path, gguf: Path, parallel: int, ctx_per_slot: int) -> 
 
 
 def launcher_flags(name_values: list[str]) -> list[str]:
-    """`["dtype=bfloat16"]` -> `["--dtype", "bfloat16"]`; a NAME=VALUE without "=" is refused."""
-    flags = []
+    """The engine's flags for `--launcher-arg NAME=VALUE`s (VALUE in YAML), checked as the
+    app's `launcher_args` are: `["dtype=bfloat16"]` -> `["--dtype", "bfloat16"]`."""
+    args = {}
     for name_value in name_values:
         name, sep, value = name_value.partition("=")
         if not sep or not name:
             raise SystemExit(f"--launcher-arg takes NAME=VALUE, not {name_value!r}")
-        flags += ["--" + name.replace("_", "-"), value]
-    return flags
+        args[name] = yaml.safe_load(value)
+    try:
+        return LauncherArgs(**args).to_argv("embedded")
+    except ValidationError as exc:
+        raise SystemExit(f"--launcher-arg: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
