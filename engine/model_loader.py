@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 from engine.config import EngineConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.packed_linear import can_pack, pack_linear_layers
 from engine.quantization import quantize_model
 from engine.tensor_parallel import TensorParallel
 
@@ -57,7 +58,8 @@ def load_model(
     quantize: str | None = None,
 ) -> LlamaForCausalLM:
     """Build the model without initialising it (meta device), fill it from safetensors, then
-    quantize it in place when `quantize` names a method (engine/quantization.py)."""
+    quantize it in place when `quantize` names a method (engine/quantization.py), and on the
+    CPU pack its linear layers for oneDNN (engine/packed_linear.py)."""
     architectures = getattr(model_config, "architectures", None) or ["LlamaForCausalLM"]
     model_cls = MODEL_REGISTRY.get(architectures[0])
     if model_cls is None:
@@ -71,4 +73,6 @@ def load_model(
     model.load_weights(iter_safetensors(model_dir))
     if quantize is not None:
         quantize_model(model, quantize)
+    if can_pack(device, dtype):
+        pack_linear_layers(model, quantized=quantize is not None)
     return model.eval()

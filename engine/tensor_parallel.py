@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from engine.linear import Linear, linear
+import torch.nn.functional as F
+from torch import nn
 
 
 def split_evenly(total: int, num_parts: int) -> list[int]:
@@ -53,20 +53,20 @@ def check_shardable(num_kv_heads: int, num_shard: int) -> None:
         )
 
 
-class RowParallelLinear(Linear):
+class RowParallelLinear(nn.Linear):
     """A linear layer over this rank's slice of the input features (its heads, its MLP
     features): one all-reduce sums the ranks' partial outputs, then the full, replicated
     bias is added once."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in / world]
-        y = linear(x, self.weight)  # [num_tokens, out], this rank's partial sum
+        y = F.linear(x, self.weight)  # [num_tokens, out], this rank's partial sum
         dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 
 def row_parallel_linear(
     in_features: int, out_features: int, bias: bool, tp: TensorParallel
-) -> Linear:
-    """A plain Linear with one rank, so the unsharded forward is exactly today's."""
-    cls = Linear if tp.world_size == 1 else RowParallelLinear
+) -> nn.Linear:
+    """A plain nn.Linear with one rank, so the unsharded forward is exactly today's."""
+    cls = nn.Linear if tp.world_size == 1 else RowParallelLinear
     return cls(in_features, out_features, bias=bias)

@@ -13,13 +13,13 @@ followed by one all-reduce. Embedding, norms, rotary tables and LM head are repl
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention import AttentionMetadata, decode_attention, prefill_attention
 from engine.fused_ops import RopeAngles, add_rms_norm, rope_and_store_kv, silu_and_mul
-from engine.linear import Linear, linear
 from engine.tensor_parallel import TensorParallel, row_parallel_linear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_blocks, block_size, kv_heads, head_dim]
@@ -93,7 +93,7 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = row_parallel_linear(self.q_size, config.hidden_size, bias, tp)
 
     def forward(
@@ -119,7 +119,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         _, self.intermediate_size = tp.part(config.intermediate_size)  # this rank's features
-        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
         self.down_proj = row_parallel_linear(self.intermediate_size, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
@@ -179,7 +179,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if self.tie_word_embeddings
-            else Linear(config.hidden_size, config.vocab_size, bias=False)
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
     def forward(
@@ -197,8 +197,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[b, hidden] pre-norm hidden states of the sampled positions -> [b, vocab] logits."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(self.norm(hidden)[0], weight)
+        normed = self.norm(hidden)[0]
+        if self.lm_head is None:  # tied to the embedding
+            return F.linear(normed, self.embed_tokens.weight)
+        return self.lm_head(normed)  # nn.Linear, or on the CPU its PackedLinear
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
