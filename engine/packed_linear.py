@@ -13,6 +13,8 @@ LM head is the exception: the embedding keeps its table and the head gets a pack
 except in a quantized model, which is asked for memory.
 """
 
+import platform
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,10 +27,12 @@ PACKED_FOR_ROWS = 16
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a model on `device` in `dtype` gets packed linear layers."""
+    """Whether a model on `device` in `dtype` gets packed linear layers: on x86-64 CPUs, the
+    only ones measured (elsewhere, e.g. arm64 laptops, the plain layers stay)."""
     return (
         device.type == "cpu"
         and dtype in (torch.float32, torch.bfloat16)
+        and platform.machine().lower() in ("x86_64", "amd64")
         and torch.backends.mkldnn.is_available()
     )
 
