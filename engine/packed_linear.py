@@ -16,10 +16,9 @@ except in a quantized model, which is asked for memory.
 import platform
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from engine.tensor_parallel import RowParallelLinear
+from engine.tensor_parallel import RowParallelLinear, add_bias
 
 # The row count oneDNN lays the weight out for. 16 and 128 were as fast from 1 to 512 rows;
 # 1 was slower from 4 rows on.
@@ -56,11 +55,10 @@ class PackedLinear(nn.Module):
         return cls(linear.weight, linear.bias, all_reduce=isinstance(linear, RowParallelLinear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
-        if not self.all_reduce:
+        if not self.all_reduce:  # the bias added inside oneDNN's product
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         y = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-        dist.all_reduce(y)
-        return y if self.bias is None else y + self.bias
+        return add_bias(y, self.bias, all_reduce=True)
 
 
 def pack_linear_layers(model: nn.Module, quantized: bool) -> None:

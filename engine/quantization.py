@@ -17,11 +17,10 @@ but the step is not faster.
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.tensor_parallel import RowParallelLinear
+from engine.tensor_parallel import RowParallelLinear, add_bias
 
 # The decoder's projections that are quantized (names of LlamaAttention / LlamaMLP modules).
 QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -83,10 +82,7 @@ class Int8Linear(nn.Module):
         return cls(weight, scales, bias, all_reduce=isinstance(linear, RowParallelLinear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
-        y = int8_matmul(x, self.weight, self.scales)
-        if self.all_reduce:
-            dist.all_reduce(y)
-        return y if self.bias is None else y + self.bias
+        return add_bias(int8_matmul(x, self.weight, self.scales), self.bias, self.all_reduce)
 
 
 def quantize_int8_weight_only(model: nn.Module) -> None:

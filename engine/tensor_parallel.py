@@ -53,15 +53,22 @@ def check_shardable(num_kv_heads: int, num_shard: int) -> None:
         )
 
 
+def add_bias(y: torch.Tensor, bias: torch.Tensor | None, all_reduce: bool) -> torch.Tensor:
+    """A linear layer's x @ W.T (`y`, [num_tokens, out]) plus its bias. `all_reduce`: a
+    row-parallel layer, whose `y` is this rank's partial sum: the ranks' are summed in place
+    first, and the full, replicated bias is added once."""
+    if all_reduce:
+        dist.all_reduce(y)
+    return y if bias is None else y + bias
+
+
 class RowParallelLinear(nn.Linear):
     """A linear layer over this rank's slice of the input features (its heads, its MLP
     features): one all-reduce sums the ranks' partial outputs, then the full, replicated
     bias is added once."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in / world]
-        y = F.linear(x, self.weight)  # [num_tokens, out], this rank's partial sum
-        dist.all_reduce(y)
-        return y if self.bias is None else y + self.bias
+        return add_bias(F.linear(x, self.weight), self.bias, all_reduce=True)
 
 
 def row_parallel_linear(
