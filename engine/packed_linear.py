@@ -23,15 +23,17 @@ from engine.tensor_parallel import RowParallelLinear, add_bias
 # The row count oneDNN lays the weight out for. 16 and 128 were as fast from 1 to 512 rows;
 # 1 was slower from 4 rows on.
 PACKED_FOR_ROWS = 16
+# Packing was measured on x86-64 CPUs only; elsewhere (e.g. arm64 laptops) the plain layers stay.
+ON_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a model on `device` in `dtype` gets packed linear layers: on x86-64 CPUs, the
-    only ones measured (elsewhere, e.g. arm64 laptops, the plain layers stay)."""
+    """Whether a model on `device` in `dtype` gets packed linear layers: fp32 or bf16 on an
+    x86-64 CPU."""
     return (
         device.type == "cpu"
         and dtype in (torch.float32, torch.bfloat16)
-        and platform.machine().lower() in ("x86_64", "amd64")
+        and ON_X86_64
         and torch.backends.mkldnn.is_available()
     )
 

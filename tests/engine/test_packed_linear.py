@@ -2,8 +2,6 @@
 every linear layer of a model loaded on the CPU packed (a sharded model's too:
 test_sharded.py checks its greedy tokens against one shard's)."""
 
-import platform
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,14 +9,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.model_loader import load_model
-from engine.packed_linear import PackedLinear, can_pack
+from engine.packed_linear import ON_X86_64, PackedLinear, can_pack
 from engine.tensor_parallel import TensorParallel
 
 CPU = torch.device("cpu")
-ON_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
-@pytest.mark.skipif(not ON_X86, reason="packing is for x86-64 CPUs")
+@pytest.mark.skipif(not ON_X86_64, reason="packing is for x86-64 CPUs")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_rows", [0, 1, 2, 16, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -37,7 +34,7 @@ def test_packed_linear_computes_what_the_linear_layer_does(dtype, num_rows, with
 
 
 def test_packing_is_for_x86_cpu_models_in_fp32_and_bf16():
-    assert can_pack(CPU, torch.float32) == can_pack(CPU, torch.bfloat16) == ON_X86
+    assert can_pack(CPU, torch.float32) == can_pack(CPU, torch.bfloat16) == ON_X86_64
     assert not can_pack(CPU, torch.float16)
     assert not can_pack(torch.device("cuda"), torch.bfloat16)
 
@@ -51,7 +48,7 @@ def _tiny_model_dir(tmp_path, tied: bool) -> str:
     return str(tmp_path)
 
 
-@pytest.mark.skipif(not ON_X86, reason="packing is for x86-64 CPUs")
+@pytest.mark.skipif(not ON_X86_64, reason="packing is for x86-64 CPUs")
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_model_loaded_on_the_cpu_has_every_linear_layer_packed(tmp_path, tied):
     model_dir = _tiny_model_dir(tmp_path, tied)
