@@ -5,7 +5,9 @@ Same Llama-3-8B-shaped random model as benchmarks/gpu_speed.py. Measured, one ru
 - step wall time (engine.step(), host included): benchmarks/gpu_speed.py's batch-1 median;
 - the CUDA-graph replay alone (the forward and LM head), by CUDA events;
 - a torch profile of --steps engine steps: GPU kernel time per step, host time the GPU sat
-  idle, and the kernels by total time.
+  idle, and the kernels by total time. "Per step" is per forward pass the profile recorded,
+  counted by the rotary kernel (one launch per layer per forward): with decode ahead the
+  window holds one forward more than it has engine steps (65 for 64).
 
     python -m benchmarks.gpu_decode_profile --out results/gpu_decode_profile.json
 """
@@ -48,6 +50,10 @@ def replay_ms(engine: LLMEngine, reps: int) -> float:
     return start.elapsed_time(end) / reps
 
 
+# Launched once per layer in every forward pass on CUDA (engine/triton_fused.py).
+ROTARY_KERNEL = "_rope_and_store_kv_kernel"
+
+
 def kernel_profile(engine: LLMEngine, steps: int) -> dict:
     start_one(engine, steps + 1)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -59,17 +65,20 @@ def kernel_profile(engine: LLMEngine, steps: int) -> dict:
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
     gpu_us = sum(e.self_device_time_total for e in kernels)
+    rotary = next(e.count for e in kernels if e.key == ROTARY_KERNEL)
+    forwards = rotary / engine.model_runner.model.config.num_hidden_layers
     return {
-        "gpu_ms_per_step": round(gpu_us / steps / 1000, 3),
+        "forwards_recorded": forwards,
+        "gpu_ms_per_step": round(gpu_us / forwards / 1000, 3),
         "top_kernels": [
             {
                 "name": e.key[:120],
-                "calls_per_step": round(e.count / steps, 1),
-                "us_per_step": round(e.self_device_time_total / steps, 1),
+                "calls_per_step": round(e.count / forwards, 1),
+                "us_per_step": round(e.self_device_time_total / forwards, 1),
             }
             for e in kernels[:20]
         ],  # fmt: skip
-        "host_ops_ms_per_step": [
+        "host_ops_ms_per_step": [  # per engine step
             {"name": e.key[:80], "cpu_ms_per_step": round(e.cpu_time_total / steps / 1000, 3)}
             for e in sorted(prof.key_averages(), key=lambda e: e.cpu_time_total, reverse=True)[:15]
         ],  # fmt: skip

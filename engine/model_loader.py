@@ -13,6 +13,7 @@ from safetensors import safe_open
 from transformers import PretrainedConfig
 
 from engine.config import EngineConfig
+from engine.gemv_linear import can_use_gemv, use_gemv_for_one_row
 from engine.models.llama import LlamaForCausalLM
 from engine.packed_linear import can_pack, pack_linear_layers
 from engine.quantization import quantize_model
@@ -59,7 +60,8 @@ def load_model(
 ) -> LlamaForCausalLM:
     """Build the model without initialising it (meta device), fill it from safetensors, then
     quantize it in place when `quantize` names a method (engine/quantization.py), and on the
-    CPU pack its linear layers for oneDNN (engine/packed_linear.py)."""
+    CPU pack its linear layers for oneDNN (engine/packed_linear.py), or on CUDA give them a
+    GEMV for one-row inputs (engine/gemv_linear.py)."""
     architectures = getattr(model_config, "architectures", None) or ["LlamaForCausalLM"]
     model_cls = MODEL_REGISTRY.get(architectures[0])
     if model_cls is None:
@@ -75,4 +77,6 @@ def load_model(
         quantize_model(model, quantize)
     if can_pack(device, dtype):
         pack_linear_layers(model, quantized=quantize is not None)
+    elif can_use_gemv(device, dtype, quantized=quantize is not None):
+        use_gemv_for_one_row(model)
     return model.eval()
