@@ -75,8 +75,11 @@ async def _one(client: httpx.AsyncClient, url: str, i: int) -> str:
                 events.append(line[len("data:") :].strip())
                 if cancel and len(events) == 2:
                     return "cancelled"  # leaving the `async with` closes the connection
-    if not events or any('"error"' in e for e in events):
-        return f"{path} events {events[-1:]}"
+    # An error event is an object with an "error" key; a chunk whose text is the token
+    # "error" also holds the characters "error" in quotes (`"content": "error"`).
+    failed = [e for e in events if e != "[DONE]" and "error" in json.loads(e)]
+    if not events or failed:
+        return f"{path} events {(failed or events)[:1]} ... {events[-1:]}"
     if path == "/generate_stream":
         done = json.loads(events[-1]).get("generated_text") is not None
     else:
