@@ -2,8 +2,8 @@
 
 A batch-1 decode step is bound by reading the weights: every matmul reads all of its weight
 to make one row. On an H100 with a Llama-3-8B-shaped bf16 model, cuBLAS's kernels for these
-shapes (split-K, with a reduce kernel after two of them) took 5.74 ms of a 6.24 ms step; this
-kernel takes 5.01 ms, reading the 15.0 GB at 2.99 TB/s (docs/benchmarks.md). Each program
+shapes (split-K, with a reduce kernel after two of them) took 5.56 ms of a 6.24 ms step; this
+kernel takes 4.94 ms, reading the 15.0 GB at 3.04 TB/s (docs/benchmarks.md). Each program
 streams a block of weight rows over the whole of `in` and sums them in fp32 in registers: one
 launch, no second pass. The tile is chosen per (out, in) by Triton's autotuner on the first
 call, which the CUDA-graph warm-up makes before capture (engine/cuda_graphs.py).
