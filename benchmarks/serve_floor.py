@@ -1,12 +1,13 @@
 """What ray-tgi adds to one stream's TTFT through Serve, set beside what DESIGN.md's request
 path adds by its shape alone: issue 3 (b)'s "TTFT added at p50" and the floor under it.
 
-The floor: both sides stream `POST /generate_stream` from a stub engine, a FastAPI app
-under uvicorn in a process of its own (like the launcher) that answers with one SSE event
-at once. Straight, the client asks the stub; through Serve, it asks a FastAPI ingress
-deployment on its own port, which calls a second deployment through a streaming handle,
-which streams from the stub with aiohttp and yields the headers, then each event, as
-TGIServer.stream_sse does; the ingress answers once the headers are back. No ray-tgi code.
+The floor: both sides stream `POST /generate_stream` from a stub engine
+(benchmarks/stub_engine.py), a process of its own like the launcher, that sends its headers
+at once and one SSE event `--stub-first-token-ms` later. Straight, the client asks the stub;
+through Serve, it asks a FastAPI ingress deployment on its own port, which calls a second
+deployment through a streaming handle, which streams from the stub with aiohttp and yields
+the headers, then each event, as TGIServer.stream_sse does; the ingress answers once the
+headers are back. No ray-tgi code.
 
 ray-tgi: the same client and requests (1 new token for "Hello") against the app of
 benchmarks.serve_vs_direct (`serve run`, its options) and its engine.
@@ -22,7 +23,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,30 +39,7 @@ from benchmarks.host_latency import cpu_wakeup_latency_held
 from benchmarks.loadgen import Target, send
 from benchmarks.serve_vs_direct import add_app_arguments, running_app, serve_url, wait_for_engine
 from benchmarks.workload import BenchRequest
-from deployments.launcher import free_port
-
-EVENT = 'data:{"token":{"id":1,"text":"x","logprob":0.0,"special":false},"generated_text":"x"}\n\n'
-
-
-def stub_engine() -> FastAPI:
-    """The stub engine's app (`uvicorn --factory`): one event, FIRST_TOKEN_MS after the
-    headers, as an engine sends its headers at once and its first token after the prefill."""
-    delay_s = float(os.environ.get("FIRST_TOKEN_MS", "0")) / 1000
-    app = FastAPI()
-
-    @app.post("/generate_stream")
-    async def generate_stream() -> StreamingResponse:
-        async def one_event():
-            await asyncio.sleep(delay_s)
-            yield EVENT
-
-        return StreamingResponse(one_event(), media_type="text/event-stream")
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {}
-
-    return app
+from deployments.launcher import Launcher, free_port
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -114,21 +91,9 @@ async def alternate(urls: dict[str, str], num_requests: int, gap_s: float) -> di
     return ttft_ms
 
 
-def wait_for_stub(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/health").raise_for_status()
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)  # not listening yet
-    raise SystemExit(f"the stub engine did not answer at {url}")
-
-
 def measure(urls: dict[str, str], args: argparse.Namespace) -> dict:
     """TTFT medians per side and the paired differences, in ms, after 10 warm-ups."""
-    with cpu_wakeup_latency_held(args.cpu_wakeup_latency_us):
-        ttft_ms = asyncio.run(alternate(urls, 10 + args.requests, args.gap_s))
+    ttft_ms = asyncio.run(alternate(urls, 10 + args.requests, args.gap_s))
     direct, through = ttft_ms["direct"][10:], ttft_ms["serve"][10:]
     added = sorted(s - d for d, s in zip(direct, through, strict=True))
     return {
@@ -141,31 +106,29 @@ def measure(urls: dict[str, str], args: argparse.Namespace) -> dict:
 
 def floor(args: argparse.Namespace) -> dict:
     """`measure` of the stub engine, straight and through the stub Serve app."""
-    engine_port = free_port()
-    engine = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "benchmarks.serve_floor:stub_engine",
-         "--host", "127.0.0.1", "--port", str(engine_port), "--log-level", "warning"],
-        env={**os.environ, "FIRST_TOKEN_MS": str(args.stub_first_token_ms)},
+    stub = Launcher(
+        [sys.executable, "-m", "benchmarks.stub_engine",
+         "--first-token-ms", str(args.stub_first_token_ms)]
     )  # fmt: skip
+    stub.start()
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        engine_url = f"http://127.0.0.1:{engine_port}"
-        wait_for_stub(engine_url)
+        stub.wait_until_healthy(timeout_s=60)
         proxy_port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
-        serve.run(StubIngress.bind(StubServer.bind(engine_url)), name="floor", route_prefix="/")
+        serve.run(StubIngress.bind(StubServer.bind(stub.url)), name="floor", route_prefix="/")
         port = 30000 if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1" else proxy_port
-        return measure({"direct": engine_url, "serve": f"http://127.0.0.1:{port}"}, args)
+        with cpu_wakeup_latency_held(args.cpu_wakeup_latency_us):
+            return measure({"direct": stub.url, "serve": f"http://127.0.0.1:{port}"}, args)
     finally:
         serve.shutdown()
         ray.shutdown()
-        engine.terminate()
-        engine.wait(timeout=30)
+        stub.stop()
 
 
 def ray_tgi(args: argparse.Namespace) -> dict:
-    """`measure` of ray-tgi's app (`serve run`, as benchmarks.serve_vs_direct starts it)
-    and its engine, with the same requests."""
+    """`measure` of ray-tgi's app (`serve run`, as benchmarks.serve_vs_direct starts it,
+    holding the CPU wake-up latency as asked) and its engine, with the same requests."""
     with running_app(args) as serve_run:
         engine_url = wait_for_engine(serve_run)
         return measure({"direct": engine_url, "serve": serve_url(serve_run, True)}, args)
