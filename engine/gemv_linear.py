@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.tensor_parallel import RowParallelLinear, add_bias
+from engine.tensor_parallel import RowParallelLinear, add_bias, replace_linear_layers
 
 _HAS_TRITON = torch.cuda.is_available()
 if _HAS_TRITON:
@@ -48,7 +48,4 @@ class GemvLinear(nn.Module):
 
 def use_gemv_for_one_row(model: nn.Module) -> None:
     """Replace every nn.Linear of `model` by its GemvLinear."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, GemvLinear(child))
+    replace_linear_layers(model, GemvLinear)

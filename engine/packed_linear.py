@@ -18,7 +18,7 @@ import platform
 import torch
 from torch import nn
 
-from engine.tensor_parallel import RowParallelLinear, add_bias
+from engine.tensor_parallel import RowParallelLinear, add_bias, replace_linear_layers
 
 # The row count oneDNN lays the weight out for. 16 and 128 were as fast from 1 to 512 rows;
 # 1 was slower from 4 rows on.
@@ -69,7 +69,4 @@ def pack_linear_layers(model: nn.Module, quantized: bool) -> None:
     from `embed_tokens.weight`) a packed copy unless the model is `quantized`."""
     if model.lm_head is None and not quantized:
         model.lm_head = PackedLinear(model.embed_tokens.weight, None)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear.from_linear(child))
+    replace_linear_layers(model, PackedLinear.from_linear)

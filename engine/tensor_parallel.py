@@ -1,11 +1,13 @@
-"""Tensor-parallel arithmetic: which heads and MLP features a rank owns, and the row-parallel
-linear layer that sums the ranks' partial outputs.
+"""Tensor-parallel arithmetic: which heads and MLP features a rank owns, the row-parallel
+linear layer that sums the ranks' partial outputs, and swapping a model's linear layers
+(row-parallel ones included) for the packed or GEMV kinds.
 
 Splits are contiguous and as even as possible, the first ranks taking one more when the count
 does not divide: SmolLM2-135M's 3 KV heads over 2 ranks give rank 0 heads [0, 2) (6 query
 heads) and rank 1 head [2, 3) (3 query heads). With one rank nothing here issues a collective.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +79,12 @@ def row_parallel_linear(
     """A plain nn.Linear with one rank, so the unsharded forward is exactly today's."""
     cls = nn.Linear if tp.world_size == 1 else RowParallelLinear
     return cls(in_features, out_features, bias=bias)
+
+
+def replace_linear_layers(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace every nn.Linear of `model`, row-parallel ones included, by `make(linear)`,
+    one at a time (a replacement that copies the weights adds one layer to the peak memory)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, make(child))
